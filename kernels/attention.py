@@ -1,0 +1,85 @@
+"""`xllm::attention`: causal attention of a flat ragged batch over per-sequence contiguous KV.
+
+Queries of B sequences are packed as q [T, H, D]; sequence b owns `query_lens[b]` consecutive rows,
+whose positions are in `positions`. Its keys and values are the first `seq_lens[b]` rows of its
+slot in the cache (already holding this step's keys, written by `xllm::store_kv`). A query at
+position p sees keys at positions <= p, and > p - window when a sliding window is set.
+GQA: query head h reads KV head h // (H / Hkv).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.library.custom_op("xllm::attention", mutates_args=())
+def attention(
+    q: torch.Tensor,  # [T, H, D]
+    kv_cache: torch.Tensor,  # [L, 2, S, M, Hkv, D]
+    layer: int,
+    positions: torch.Tensor,  # [T]
+    seq_slots: torch.Tensor,  # [B]
+    query_lens: torch.Tensor,  # [B]
+    seq_lens: torch.Tensor,  # [B]
+    scale: float,
+    sliding_window: int,
+) -> torch.Tensor:
+    """Reference implementation (also the CPU path)."""
+    if q.shape[0] == seq_slots.shape[0]:  # every sequence has one query: a decode step
+        return _decode(q, kv_cache[layer], positions, seq_slots, seq_lens, scale, sliding_window)
+    out = torch.empty_like(q)
+    start = 0
+    for slot, q_len, kv_len in zip(
+        seq_slots.tolist(), query_lens.tolist(), seq_lens.tolist(), strict=True
+    ):
+        end = start + q_len
+        k = kv_cache[layer, 0, slot, :kv_len]  # [Lk, Hkv, D]
+        v = kv_cache[layer, 1, slot, :kv_len]
+        mask = _mask(positions[start:end, None], torch.arange(kv_len), sliding_window)  # [Lq, Lk]
+        out[start:end] = _sdpa(q[start:end], k, v, mask, scale)
+        start = end
+    return out
+
+
+def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    mask = k_pos <= q_pos
+    if window > 0:
+        mask = mask & (k_pos > q_pos - window)
+    return mask
+
+
+def _sdpa(q, k, v, mask, scale):
+    # q [Lq, H, D], k/v [Lk, Hkv, D] -> [Lq, H, D]; SDPA wants heads first.
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return o.transpose(0, 1)
+
+
+def _decode(q, cache, positions, seq_slots, seq_lens, scale, window):
+    # One query per sequence: gather each sequence's KV up to the longest, mask the rest.
+    max_len = int(seq_lens.max())
+    k = cache[0, seq_slots, :max_len]  # [B, Lk, Hkv, D]
+    v = cache[1, seq_slots, :max_len]
+    k_pos = torch.arange(max_len)
+    mask = (k_pos[None, :] < seq_lens[:, None]) & _mask(positions[:, None], k_pos, window)
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2),  # [B, H, 1, D]
+        k.transpose(1, 2),
+        v.transpose(1, 2),  # [B, Hkv, Lk, D]
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[2],
+    )
+    return o.squeeze(2)  # [B, H, D]
+
+
+@attention.register_fake
+def _(q, kv_cache, layer, positions, seq_slots, query_lens, seq_lens, scale, sliding_window):
+    return torch.empty_like(q)

@@ -1,0 +1,1 @@
+"""Graph passes over torch.fx graphs and the pass manager (issue 3)."""

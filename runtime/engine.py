@@ -1,0 +1,100 @@
+"""The engine: prompts in, completions out. Owns the executor, KV cache, scheduler and tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xllm_compile.runtime.executor import Executor
+from xllm_compile.runtime.kv_cache import KVCache
+from xllm_compile.runtime.sampler import SamplingParams, make_generator, sample
+from xllm_compile.runtime.scheduler import Scheduler
+from xllm_compile.runtime.sequence import Sequence
+from xllm_compile.runtime.tokenizer import Tokenizer
+
+from xllm_compile.errors import RequestError
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str  # "stop" (eos or stop token) or "length"
+
+
+class Engine:
+    def __init__(
+        self,
+        executor: Executor,
+        kv_cache: KVCache,
+        tokenizer: Tokenizer | None,
+        eos_token_ids: tuple[int, ...],
+        max_num_seqs: int,
+        max_num_tokens: int,
+        manifest: dict,
+    ) -> None:
+        self.executor = executor
+        self.kv_cache = kv_cache
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = kv_cache.max_len
+        self.max_num_tokens = max_num_tokens
+        self.scheduler = Scheduler(kv_cache, max_num_seqs, max_num_tokens)
+        self.manifest = manifest
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this artifact has no tokenizer; pass token ids instead of text")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise RequestError("the prompt is empty")
+        limit = min(self.max_model_len - 1, self.max_num_tokens)
+        if len(ids) > limit:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens; this artifact takes at most {limit} "
+                "(recompile with a larger --max-model-len / --max-num-tokens)"
+            )
+        vocab = self.manifest["model"]["config"]["vocab_size"]
+        if any(not 0 <= t < vocab for t in ids):
+            raise RequestError(f"token ids must be in [0, {vocab})")
+        return ids
+
+    def generate(
+        self, prompts: list[str | list[int]], max_tokens: int = 16, **sampling
+    ) -> list[Completion]:
+        """Generate for every prompt together (one ragged batch per step); keeps prompt order."""
+        params = SamplingParams(max_tokens=max_tokens, **sampling)
+        seqs = [Sequence(self.encode(p), params, make_generator(params)) for p in prompts]
+        for seq in seqs:
+            self.scheduler.add(seq)
+        while self.scheduler.has_work():
+            self.step()
+        return [self._completion(seq) for seq in seqs]
+
+    def step(self) -> None:
+        batch = self.scheduler.schedule()
+        logits = self.executor.run(batch.seqs, self.kv_cache.tensor)
+        tokens = sample(logits, [s.params for s in batch.seqs], [s.generator for s in batch.seqs])
+        for seq, token in zip(batch.seqs, tokens, strict=True):
+            seq.output_ids.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason:
+                self.scheduler.finish(seq, reason)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _completion(self, seq: Sequence) -> Completion:
+        ids = seq.output_ids
+        if seq.finish_reason == "stop" and ids and ids[-1] in self.eos_token_ids:
+            ids = ids[:-1]  # the eos token ends the text; it is not part of it
+        text = self.tokenizer.decode(ids) if self.tokenizer else None
+        return Completion(seq.prompt_ids, ids, text, seq.finish_reason or "length")

@@ -1,0 +1,1 @@
+"""Tools for kernel developers and operators: inspection, profiling, benchmarks."""

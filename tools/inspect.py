@@ -1,0 +1,58 @@
+"""`xllm inspect ARTIFACT`: the manifest as a readable table (or JSON)."""
+
+from __future__ import annotations
+
+import json
+
+from xllm_compile.artifact import read_manifest
+
+
+def _table(rows: list[tuple[str, str]], title: str) -> str:
+    width = max(len(k) for k, _ in rows)
+    lines = [title, "-" * len(title)]
+    lines += [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def inspect_artifact(path: str, as_json: bool = False) -> str:
+    from pathlib import Path
+
+    m = read_manifest(Path(path))
+    if as_json:
+        return json.dumps(m, indent=2)
+    c = m["model"]["config"]
+    model_rows = [
+        ("family", f"{m['model']['family']} ({m['model']['architecture']})"),
+        ("parameters", f"{m['model'].get('num_parameters', 0):,}"),
+        ("layers", str(c["num_layers"])),
+        ("hidden / intermediate", f"{c['hidden_size']} / {c['intermediate_size']}"),
+        (
+            "heads / kv heads / head dim",
+            f"{c['num_heads']} / {c['num_kv_heads']} / {c['head_dim']}",
+        ),
+        ("vocab", str(c["vocab_size"])),
+        ("rope", f"{c['rope']['rope_type']} theta={c['rope']['theta']:g}"),
+        ("tied embeddings", str(c["tie_word_embeddings"])),
+        ("dtype / device", f"{m['dtype']} / {m['device']}"),
+    ]
+    model_rows += [(k, str(v)) for k, v in m["limits"].items()]
+    model_rows.append(("tokenizer", "yes" if m.get("tokenizer") else "no"))
+    model_rows += [(k, v) for k, v in m["versions"].items()]
+    model_rows += [("format", str(m["format_version"])), ("created", m.get("created", "?"))]
+    files = [
+        (name, f"{_human_bytes(f['bytes']):>10}  sha256 {f['sha256'][:16]}…")
+        for name, f in m["files"].items()
+    ]
+    parts = [_table(model_rows, f"artifact {path}"), _table(files, "files")]
+    if m.get("passes"):
+        rows = [(p["name"], json.dumps(p.get("stats", {}))) for p in m["passes"]]
+        parts.append(_table(rows, "passes"))
+    return "\n\n".join(parts)

@@ -1,0 +1,175 @@
+"""Command line: `xllm-compile MODEL --out ART` and `xllm {compile,generate,inspect}`.
+
+Each subcommand builds a config and calls one library function. A user error (XllmError) is one
+line on stderr and exit status 2; progress goes to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from xllm_compile.config import DEVICES, DTYPES, CompileConfig
+from xllm_compile.errors import XllmError
+
+PROG_COMPILE = "xllm-compile"
+
+
+def _add_compile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="Hugging Face model folder (config.json + *.safetensors)")
+    p.add_argument("--out", required=True, help="artifact folder to write")
+    p.add_argument("--dtype", default=CompileConfig.dtype, choices=list(DTYPES))
+    p.add_argument("--device", default=CompileConfig.device, choices=list(DEVICES))
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        dest="max_model_len",
+        help="longest sequence (prompt + output); default min(model's, 4096)",
+    )
+    p.add_argument(
+        "--max-num-tokens",
+        type=int,
+        default=CompileConfig.max_num_tokens,
+        dest="max_num_tokens",
+        help="most tokens in one step",
+    )
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=CompileConfig.max_num_seqs,
+        dest="max_num_seqs",
+        help="most sequences in one step",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", help="artifact folder written by xllm-compile")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    src.add_argument("--chat", help="a user message, wrapped in the model's chat template")
+    src.add_argument("--token-ids", dest="token_ids", help="prompt as comma-separated token ids")
+    p.add_argument("--max-tokens", type=int, default=32, dest="max_tokens")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0, dest="top_p")
+    p.add_argument("--top-k", type=int, default=0, dest="top_k")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, choices=list(DEVICES))
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from xllm_compile.compiler import compile_model
+
+    cfg = CompileConfig(
+        model_path=args.model,
+        out_dir=args.out,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_tokens=args.max_num_tokens,
+        max_num_seqs=args.max_num_seqs,
+        show_progress=not args.quiet,
+    )
+    out = compile_model(cfg)
+    print(f"compiled {args.model} -> {out}")
+    return 0
+
+
+def _parse_token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise XllmError(f"--token-ids {text!r}: expected comma-separated integers") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from xllm_compile.runtime import load
+
+    engine = load(args.artifact, device=args.device)
+    if args.token_ids is not None:
+        prompts = [_parse_token_ids(args.token_ids)]
+    elif args.chat is not None:
+        if engine.tokenizer is None:
+            raise XllmError("--chat needs a tokenizer, and this artifact has none")
+        prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": args.chat}])]
+    else:
+        prompts = args.prompt
+    results = engine.generate(
+        prompts,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    for r in results:
+        if args.json:
+            print(
+                json.dumps(
+                    {"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}
+                )
+            )
+        elif args.token_ids is not None or r.text is None:
+            print(",".join(map(str, r.token_ids)))
+        else:
+            print(r.text)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from xllm_compile.tools.inspect import inspect_artifact
+
+    print(inspect_artifact(args.artifact, as_json=args.json))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xllm", description="xllm-compile runtime and tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("compile", help="compile a model folder into an artifact")
+    _add_compile_args(p)
+    p.set_defaults(func=cmd_compile)
+    p = sub.add_parser("generate", help="generate text from an artifact")
+    _add_generate_args(p)
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("inspect", help="show an artifact's manifest")
+    p.add_argument("artifact")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except XllmError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`xllm ...`"""
+    return _run(build_parser(), argv)
+
+
+def compile_main(argv: list[str] | None = None) -> int:
+    """`xllm-compile MODEL --out ART ...`"""
+    parser = argparse.ArgumentParser(
+        prog=PROG_COMPILE, description="compile a model into an artifact"
+    )
+    _add_compile_args(parser)
+    parser.set_defaults(func=cmd_compile)
+    return _run(parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

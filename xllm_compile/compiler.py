@@ -1,0 +1,116 @@
+"""The compile driver behind `xllm-compile`: model folder -> traced, optimized program + weights
+-> artifact directory. Imports the model code, tracing and passes; never the runtime."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from xllm_compile import artifact
+from xllm_compile.backend import check_device
+from xllm_compile.config import CompileConfig, ModelConfig
+from xllm_compile.errors import ConfigError, UnsupportedModelError
+from xllm_compile.hf import load_hf_config, stream_weights
+from xllm_compile.models import model_config_from_hf, rotary_tables
+from xllm_compile.progress import progress
+from xllm_compile.trace import INPUT_NAMES, export_model
+
+log = logging.getLogger(__name__)
+
+
+def resolve_max_len(config: ModelConfig, requested: int | None) -> int:
+    if requested is None:
+        return min(config.max_position_embeddings, 4096)
+    if requested > config.max_position_embeddings:
+        log.warning(
+            "--max-model-len %d exceeds the model's max_position_embeddings %d",
+            requested,
+            config.max_position_embeddings,
+        )
+    return requested
+
+
+def compile_model(cfg: CompileConfig) -> Path:
+    """Compile `cfg.model_path` into `cfg.out_dir`; returns the artifact path.
+
+    The artifact is written to a temporary sibling folder and renamed into place at the end, so a
+    failed compile never leaves (or destroys) a half-written artifact.
+    """
+    check_device(cfg.device)
+    model_dir, out_dir = Path(cfg.model_path), Path(cfg.out_dir)
+    _check_out_dir(out_dir)
+    if model_dir.suffix == ".gguf":
+        raise UnsupportedModelError("GGUF input is not supported yet (issue 10); pass an HF folder")
+    hf_config = load_hf_config(model_dir)
+    config = model_config_from_hf(hf_config)
+    max_len = resolve_max_len(config, cfg.max_model_len)
+    with progress(total=2, desc="tracing", unit="step", show=cfg.show_progress) as bar:
+        ep = export_model(config, cfg.torch_dtype, max_len, cfg.max_num_tokens, cfg.max_num_seqs)
+        bar.update(2)
+    weights = _load_weights(model_dir, ep, config, cfg, max_len)
+    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    try:
+        _write(tmp_dir, model_dir, ep, weights, config, hf_config, cfg, max_len)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp_dir.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out_dir
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / artifact.MANIFEST).is_file():
+        raise ConfigError(
+            f"--out {out_dir} is a non-empty folder that is not an artifact; choose another path"
+        )
+
+
+def _load_weights(model_dir, ep, config: ModelConfig, cfg: CompileConfig, max_len: int) -> dict:
+    computed = {f"model.rotary_emb.{k}": v for k, v in rotary_tables(config, max_len).items()}
+    expected = {n: t.shape for n, t in ep.state_dict.items() if n not in computed}
+    optional = frozenset({"lm_head.weight"} if config.tie_word_embeddings else ())
+    weights = stream_weights(
+        model_dir, expected, cfg.torch_dtype, optional, show_progress=cfg.show_progress
+    )
+    weights.update(computed)
+    return weights
+
+
+def _write(tmp_dir, model_dir, ep, weights, config, hf_config, cfg, max_len) -> None:
+    torch.export.save(ep, tmp_dir / artifact.PROGRAM)
+    params = [spec.target for spec in ep.graph_signature.input_specs if spec.target in weights]
+    save_file({name: weights[name].contiguous() for name in params}, tmp_dir / artifact.WEIGHTS)
+    tokenizer_files = artifact.copy_tokenizer(model_dir, tmp_dir)
+    artifact.write_manifest(
+        tmp_dir,
+        {
+            "model": {
+                "family": config.family,
+                "architecture": config.architecture,
+                "config": config.to_dict(),
+                "hf_config": hf_config,
+                "num_parameters": sum(w.numel() for n, w in weights.items() if "rotary" not in n),
+            },
+            "dtype": cfg.dtype,
+            "device": cfg.device,
+            "limits": {
+                "max_model_len": max_len,
+                "max_num_tokens": cfg.max_num_tokens,
+                "max_num_seqs": cfg.max_num_seqs,
+            },
+            "program": {"file": artifact.PROGRAM, "inputs": list(INPUT_NAMES), "params": params},
+            "tokenizer": {"files": tokenizer_files}
+            if "tokenizer.json" in tokenizer_files
+            else None,
+            "passes": [],
+        },
+    )

@@ -1,0 +1,227 @@
+"""Frozen configs: `ModelConfig` (built once from a Hugging Face config.json by `from_hf`, the one
+place where HF quirks are handled) and `CompileConfig` (what `xllm-compile` was asked to do)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xllm_compile.errors import ConfigError, UnsupportedModelError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("cpu", "cuda", "npu")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters; `inv_freq()` reproduces transformers' rope init exactly."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"rope type {self.rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+            )
+
+    def inv_freq(self, head_dim: int) -> torch.Tensor:
+        """Inverse frequencies [D/2] in fp32, as transformers' ROPE_INIT_FUNCTIONS compute them."""
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        inv_freq = 1.0 / (self.theta**exponents)
+        if self.rope_type == "linear":
+            return inv_freq / self.factor
+        if self.rope_type == "llama3":
+            return self._llama3(inv_freq)
+        return inv_freq
+
+    def _llama3(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        # Llama 3.1 frequency smoothing: long wavelengths divided by `factor`, short ones kept,
+        # the band in between interpolated (transformers `_compute_llama3_parameters`).
+        old_len = self.original_max_position_embeddings
+        low_wavelen = old_len / self.low_freq_factor
+        high_wavelen = old_len / self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
+        smooth = (old_len / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model shape and the per-family switches that the shared decoder body reads."""
+
+    family: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int = 0  # 0 = full attention
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(
+                    f"config.json: {name} must be positive, got {getattr(self, name)}"
+                )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"config.json: num_attention_heads ({self.num_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (GQA)."""
+        return self.num_heads // self.num_kv_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = dict(data)
+        data["rope"] = RopeConfig(**data["rope"])
+        data["eos_token_ids"] = tuple(data["eos_token_ids"])
+        return cls(**data)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], family: str) -> ModelConfig:
+        """Build from a config.json dict (transformers 4 or 5 style)."""
+        try:
+            num_heads = int(hf["num_attention_heads"])
+            hidden = int(hf["hidden_size"])
+            head_dim = int(hf.get("head_dim") or hidden // num_heads)
+            return cls(
+                family=family,
+                architecture=hf["architectures"][0],
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(hf["intermediate_size"]),
+                num_layers=int(hf["num_hidden_layers"]),
+                num_heads=num_heads,
+                num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+                head_dim=head_dim,
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope=_parse_rope(hf),
+                max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                qkv_bias=bool(hf.get("attention_bias", False)),
+                o_bias=bool(hf.get("attention_bias", False)),
+                mlp_bias=bool(hf.get("mlp_bias", False)),
+                sliding_window=_parse_sliding_window(hf),
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_ids=_as_tuple(hf.get("eos_token_id")),
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json: required field {e.args[0]!r} is missing") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config.json: a field has the wrong type ({e})") from None
+
+
+def _as_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, list | tuple):
+        return tuple(int(v) for v in value)
+    return (int(value),)
+
+
+def _parse_rope(hf: dict[str, Any]) -> RopeConfig:
+    # transformers 5 nests everything in `rope_parameters`; transformers 4 has `rope_theta` at the
+    # top level and an optional `rope_scaling` dict whose type key is `rope_type` or `type`.
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    merged = {**scaling, **params}
+    theta = merged.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = merged.get("rope_type") or merged.get("type") or "default"
+    kwargs: dict[str, Any] = {"theta": float(theta), "rope_type": str(rope_type)}
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        if merged.get(key) is not None:
+            kwargs[key] = float(merged[key])
+    if merged.get("original_max_position_embeddings") is not None:
+        kwargs["original_max_position_embeddings"] = int(merged["original_max_position_embeddings"])
+    if merged.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedModelError("config.json: partial_rotary_factor != 1 is not supported")
+    return RopeConfig(**kwargs)
+
+
+def _parse_sliding_window(hf: dict[str, Any]) -> int:
+    window = hf.get("sliding_window")
+    if not window:
+        return 0
+    if "use_sliding_window" in hf and not hf["use_sliding_window"]:
+        return 0  # Qwen2 carries a window value but only uses it when this flag is set
+    layer_types = hf.get("layer_types")
+    if layer_types and any(t != "sliding_attention" for t in layer_types):
+        if all(t == "full_attention" for t in layer_types):
+            return 0
+        raise UnsupportedModelError("config.json: mixed sliding/full attention layers")
+    return int(window)
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """Read a JSON file or raise a ConfigError naming it."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path} (is this the right folder?)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """What `xllm-compile` was asked to do."""
+
+    model_path: str
+    out_dir: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_model_len: int | None = None  # None: min(max_position_embeddings, 4096)
+    max_num_tokens: int = 4096  # tokens in one step (prefill budget)
+    max_num_seqs: int = 64  # sequences in one step
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"--device {self.device!r}: choose one of {', '.join(DEVICES)}")
+        for name in ("max_model_len", "max_num_tokens", "max_num_seqs"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 2, got {value}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

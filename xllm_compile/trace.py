@@ -1,0 +1,97 @@
+"""Tracing: `torch.export` of the model over a flat ragged batch with symbolic sizes.
+
+The model is built on the meta device, so tracing needs no weight memory; the exported program
+keeps its parameters as meta placeholders and the weights travel separately (safetensors).
+The program is never passed through `run_decompositions`: that would functionalize the in-place
+`xllm::store_kv` and clone the whole KV cache on every step (DESIGN.md, "Traps").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from xllm_compile.config import ModelConfig
+from xllm_compile.models import CausalLM
+
+# Order of the program's user inputs; the runtime feeds them positionally in this order.
+INPUT_NAMES = (
+    "input_ids",
+    "positions",
+    "token_slots",
+    "seq_slots",
+    "query_lens",
+    "seq_lens",
+    "logits_indices",
+    "kv_cache",
+)
+
+
+def build_meta_model(config: ModelConfig, dtype: torch.dtype, max_len: int) -> CausalLM:
+    with torch.device("meta"):
+        model = CausalLM(config, max_len).to(dtype)
+    model.model.rotary_emb.float()  # cos/sin tables stay fp32 whatever the model dtype
+    return model.eval()
+
+
+def sample_inputs(config: ModelConfig, dtype: torch.dtype, device: str = "meta") -> tuple:
+    # Sizes chosen distinct and > 1 so export neither specializes them nor unifies their dims.
+    num_tokens, num_seqs, num_logits, num_slots, max_len = 9, 3, 5, 4, 16
+    ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    seqs = torch.zeros(num_seqs, dtype=torch.int64, device=device)
+    cache_shape = (config.num_layers, 2, num_slots, max_len, config.num_kv_heads, config.head_dim)
+    return (
+        ids,
+        ids.clone(),
+        ids.clone(),
+        seqs,
+        seqs.clone(),
+        seqs.clone(),
+        torch.zeros(num_logits, dtype=torch.int64, device=device),
+        torch.zeros(cache_shape, dtype=dtype, device=device),
+    )
+
+
+def dynamic_shapes(max_num_tokens: int, max_num_seqs: int, max_len: int) -> tuple:
+    tokens = Dim("num_tokens", min=1, max=max(max_num_tokens, 2))
+    seqs = Dim("num_seqs", min=1, max=max(max_num_seqs, 2))
+    logits = Dim("num_logits", min=1, max=max(max_num_tokens, 2))
+    slots = Dim("num_kv_slots", min=1, max=1 << 20)
+    kv_len = Dim("kv_len", min=2, max=max(max_len, 3))
+    per_token, per_seq = {0: tokens}, {0: seqs}
+    return (
+        per_token,
+        per_token,
+        per_token,
+        per_seq,
+        per_seq,
+        per_seq,
+        {0: logits},
+        {2: slots, 3: kv_len},
+    )
+
+
+def export_model(
+    config: ModelConfig, dtype: torch.dtype, max_len: int, max_num_tokens: int, max_num_seqs: int
+) -> ExportedProgram:
+    """Export the family's CausalLM; returns a program whose parameters are meta tensors."""
+    model = build_meta_model(config, dtype, max_len)
+    with torch.no_grad():
+        ep = torch.export.export(
+            model,
+            sample_inputs(config, dtype),
+            dynamic_shapes=dynamic_shapes(max_num_tokens, max_num_seqs, max_len),
+        )
+    strip_metadata_asserts(ep)
+    return ep
+
+
+def strip_metadata_asserts(ep: ExportedProgram) -> int:
+    """Remove the `_assert_tensor_metadata` checks export adds around `.to()`: they pin the
+    device seen while tracing (meta), and the program must run on whatever device loads it."""
+    graph = ep.graph_module.graph
+    asserts = [n for n in graph.nodes if n.target == torch.ops.aten._assert_tensor_metadata.default]
+    for node in asserts:
+        graph.erase_node(node)
+    ep.graph_module.recompile()
+    return len(asserts)
