@@ -31,7 +31,7 @@ class KVCache(ABC):
 
     @abstractmethod
     def allocate(self, num_tokens: int) -> int:
-        """Reserve a slot for a new sequence; returns the slot index. Raises RuntimeError if full."""
+        """Reserve a slot for a new sequence and return it; RuntimeError if none is free."""
 
     @abstractmethod
     def grow(self, slot: int, num_tokens: int) -> bool:

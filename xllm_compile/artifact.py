@@ -127,8 +127,8 @@ def open_artifact(path: str | Path, verify: bool = True) -> Artifact:
             raise ArtifactError(f"{path}: {name} is missing; recompile the model")
         if file.stat().st_size != meta["bytes"]:
             raise ArtifactError(
-                f"{path}: {name} has {file.stat().st_size} bytes, the manifest says {meta['bytes']} "
-                "(truncated or replaced); recompile the model"
+                f"{path}: {name} has {file.stat().st_size} bytes, the manifest says "
+                f"{meta['bytes']} (truncated or replaced); recompile the model"
             )
         if verify and sha256_file(file) != meta["sha256"]:
             raise ArtifactError(

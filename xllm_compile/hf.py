@@ -29,7 +29,7 @@ def load_hf_config(model_dir: Path) -> dict:
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
-    """The checkpoint's files: those named by model.safetensors.index.json, else every *.safetensors."""
+    """The checkpoint files: those the index file names, else every *.safetensors."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
