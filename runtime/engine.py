@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from xllm_compile.errors import RequestError
 from xllm_compile.runtime.executor import Executor
 from xllm_compile.runtime.kv_cache import KVCache
 from xllm_compile.runtime.sampler import SamplingParams, make_generator, sample
 from xllm_compile.runtime.scheduler import Scheduler
 from xllm_compile.runtime.sequence import Sequence
 from xllm_compile.runtime.tokenizer import Tokenizer
-
-from xllm_compile.errors import RequestError
 
 
 @dataclass

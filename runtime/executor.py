@@ -4,6 +4,7 @@ program's flat ragged inputs and returns logits for the last token of each seque
 from __future__ import annotations
 
 import torch
+
 from xllm_compile.runtime.sequence import Sequence
 
 

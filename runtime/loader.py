@@ -6,17 +6,17 @@ import logging
 from pathlib import Path
 
 import torch
-import xllm_compile.kernels  # noqa: F401  (registers the xllm:: ops the program calls)
 from safetensors import SafetensorError, safe_open
-from xllm_compile.runtime.engine import Engine
-from xllm_compile.runtime.executor import Executor
-from xllm_compile.runtime.kv_cache import ContiguousKVCache
-from xllm_compile.runtime.tokenizer import Tokenizer
 
+import xllm_compile.kernels  # noqa: F401  (registers the xllm:: ops the program calls)
 from xllm_compile import artifact
 from xllm_compile.backend import check_device
 from xllm_compile.config import DTYPES, ModelConfig
 from xllm_compile.errors import ArtifactError
+from xllm_compile.runtime.engine import Engine
+from xllm_compile.runtime.executor import Executor
+from xllm_compile.runtime.kv_cache import ContiguousKVCache
+from xllm_compile.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
+
 from xllm_compile.runtime.sampler import SamplingParams
 
 _ids = itertools.count()
