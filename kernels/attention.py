@@ -36,7 +36,9 @@ def attention(
         end = start + q_len
         k = kv_cache[layer, 0, slot, :kv_len]  # [Lk, Hkv, D]
         v = kv_cache[layer, 1, slot, :kv_len]
-        mask = _mask(positions[start:end, None], torch.arange(kv_len), sliding_window)  # [Lq, Lk]
+        mask = _mask(
+            positions[start:end, None], torch.arange(kv_len, device=q.device), sliding_window
+        )  # [Lq, Lk]
         out[start:end] = _sdpa(q[start:end], k, v, mask, scale)
         start = end
     return out
@@ -63,16 +65,19 @@ def _sdpa(q, k, v, mask, scale):
 
 
 def _decode(q, cache, positions, seq_slots, seq_lens, scale, window):
-    # One query per sequence: gather each sequence's KV up to the longest, mask the rest.
+    # One query per sequence: gather each sequence's KV up to the longest one. Rows past a
+    # sequence's own length re-read its last valid row (then masked), so the op never touches
+    # cache memory a sequence does not own: with page-mapped KV that memory may be unmapped.
     max_len = int(seq_lens.max())
-    k = cache[0, seq_slots, :max_len]  # [B, Lk, Hkv, D]
-    v = cache[1, seq_slots, :max_len]
-    k_pos = torch.arange(max_len)
+    k_pos = torch.arange(max_len, device=q.device)
+    rows = torch.minimum(k_pos[None, :], seq_lens[:, None] - 1)  # [B, Lk]
+    k = cache[0][seq_slots[:, None], rows]  # [B, Lk, Hkv, D]
+    v = cache[1][seq_slots[:, None], rows]
     mask = (k_pos[None, :] < seq_lens[:, None]) & _mask(positions[:, None], k_pos, window)
     o = F.scaled_dot_product_attention(
         q.unsqueeze(2),  # [B, H, 1, D]
-        k.transpose(1, 2),
-        v.transpose(1, 2),  # [B, Hkv, Lk, D]
+        k.transpose(1, 2),  # [B, Hkv, Lk, D]
+        v.transpose(1, 2),
         attn_mask=mask[:, None, None, :],
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[2],

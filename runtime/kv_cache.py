@@ -45,8 +45,7 @@ class KVCache(ABC):
 class ContiguousKVCache(KVCache):
     """Every slot preallocated at max length: simple, and wasteful for short sequences.
 
-    Zero-filled so that positions a decode step gathers but masks out hold finite values
-    (a masked NaN would still poison softmax(QK^T)V through 0 * NaN).
+    Zero-filled for determinism; attention never reads past a sequence's own length.
     """
 
     def __init__(self, num_layers, num_slots, max_len, num_kv_heads, head_dim, dtype, device):
