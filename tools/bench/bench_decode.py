@@ -1,0 +1,164 @@
+"""Decode ms/step and prefill tokens/s of a compiled artifact against transformers eager on the
+same weights, same machine, same run; printed with ratios (xllm / HF: below 1 is faster for ms).
+
+    python -m xllm_compile.tools.bench.bench_decode --model examples/tiny-llama
+    python -m xllm_compile.tools.bench.bench_decode --preset qwen2.5-0.5b --batch 1 8
+
+`--preset qwen2.5-0.5b` builds a random-weight model with Qwen2.5-0.5B's real shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from xllm_compile.cli import compile_main
+from xllm_compile.runtime import load
+from xllm_compile.runtime.sampler import SamplingParams
+from xllm_compile.runtime.sequence import Sequence
+
+PRESETS = {
+    "qwen2.5-0.5b": dict(
+        architectures=["Qwen2ForCausalLM"],
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    ),
+}
+
+
+def make_preset(name: str, out: Path) -> Path:
+    import transformers
+
+    cfg = dict(PRESETS[name])
+    cfg.pop("architectures")
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg))
+    model.save_pretrained(out)
+    return out
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def bench_hf(
+    model_dir: Path, dtype, batch: int, prompt_len: int, steps: int
+) -> tuple[float, float]:
+    """(prefill tokens/s, decode ms/step) of transformers eager with its dynamic KV cache."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (batch, prompt_len))
+    model(ids[:, :8])  # warm-up
+    out = None
+
+    def prefill():
+        nonlocal out
+        out = model(ids, use_cache=True)
+
+    t_prefill = _timed(prefill)
+    past, token, times = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step = model(token, past_key_values=past, use_cache=True)
+        past, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+        times.append(time.perf_counter() - start)
+    return batch * prompt_len / t_prefill, 1000 * statistics.median(times)
+
+
+@torch.inference_mode()
+def bench_xllm(art: Path, batch: int, prompt_len: int, steps: int) -> tuple[float, float]:
+    """(prefill tokens/s, decode ms/step) of the artifact: one ragged prefill, then decode steps."""
+    engine = load(art, max_num_seqs=batch)
+    vocab = engine.manifest["model"]["config"]["vocab_size"]
+    warm = Sequence(torch.randint(3, vocab, (8,)).tolist(), SamplingParams())
+    warm.slot = engine.kv_cache.allocate(8)
+    engine.executor.run([warm], engine.kv_cache.tensor)
+    engine.kv_cache.free(warm.slot)
+    seqs = [
+        Sequence(torch.randint(3, vocab, (prompt_len,)).tolist(), SamplingParams())
+        for _ in range(batch)
+    ]
+    for seq in seqs:
+        seq.slot = engine.kv_cache.allocate(prompt_len + steps + 1)
+    logits = None
+
+    def prefill():
+        nonlocal logits
+        logits = engine.executor.run(seqs, engine.kv_cache.tensor)
+
+    t_prefill = _timed(prefill)
+    times = []
+    for _ in range(steps):
+        for seq, token in zip(seqs, logits.argmax(-1).tolist(), strict=True):
+            seq.output_ids.append(token)
+        start = time.perf_counter()
+        logits = engine.executor.run(seqs, engine.kv_cache.tensor)
+        times.append(time.perf_counter() - start)
+    return batch * prompt_len / t_prefill, 1000 * statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", help="HF model folder")
+    p.add_argument("--preset", choices=list(PRESETS))
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=32)
+    args = p.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(args.model) if args.model else make_preset(args.preset, Path(tmp) / "m")
+        art = Path(tmp) / "art"
+        max_len = str(args.prompt_len + args.steps + 16)
+        compile_main(
+            [
+                str(model_dir),
+                "--out",
+                str(art),
+                "--dtype",
+                args.dtype,
+                "--quiet",
+                "--max-model-len",
+                max_len,
+                "--max-num-seqs",
+                str(max(args.batch)),
+            ]
+        )
+        print(
+            f"model {args.model or args.preset}  dtype {args.dtype}  prompt {args.prompt_len}"
+            f"  threads {torch.get_num_threads()}"
+        )
+        print(f"{'batch':>5} {'engine':>8} {'prefill tok/s':>14} {'decode ms/step':>15}")
+        for batch in args.batch:
+            hf = bench_hf(model_dir, dtype, batch, args.prompt_len, args.steps)
+            ours = bench_xllm(art, batch, args.prompt_len, args.steps)
+            print(f"{batch:>5} {'HF eager':>8} {hf[0]:>14.0f} {hf[1]:>15.2f}")
+            print(f"{batch:>5} {'xllm':>8} {ours[0]:>14.0f} {ours[1]:>15.2f}")
+            print(
+                f"{batch:>5} {'ratio':>8} {ours[0] / hf[0]:>13.2f}x {ours[1] / hf[1]:>14.2f}x"
+                "   (prefill: >1 faster; decode: <1 faster)"
+            )
+
+
+if __name__ == "__main__":
+    main()
