@@ -28,6 +28,15 @@ def attention(
     """Reference implementation (also the CPU path)."""
     if q.shape[0] == seq_slots.shape[0]:  # every sequence has one query: a decode step
         return _decode(q, kv_cache[layer], positions, seq_slots, seq_lens, scale, sliding_window)
+    return prefill_reference(
+        q, kv_cache, layer, positions, seq_slots, query_lens, seq_lens, scale, sliding_window
+    )
+
+
+def prefill_reference(
+    q, kv_cache, layer, positions, seq_slots, query_lens, seq_lens, scale, sliding_window
+):
+    """One SDPA per sequence, over its own KV prefix (host loop: syncs, not graph-capturable)."""
     out = torch.empty_like(q)
     start = 0
     for slot, q_len, kv_len in zip(
@@ -36,9 +45,8 @@ def attention(
         end = start + q_len
         k = kv_cache[layer, 0, slot, :kv_len]  # [Lk, Hkv, D]
         v = kv_cache[layer, 1, slot, :kv_len]
-        mask = _mask(
-            positions[start:end, None], torch.arange(kv_len, device=q.device), sliding_window
-        )  # [Lq, Lk]
+        k_pos = torch.arange(kv_len, device=q.device)
+        mask = _mask(positions[start:end, None], k_pos, sliding_window)  # [Lq, Lk]
         out[start:end] = _sdpa(q[start:end], k, v, mask, scale)
         start = end
     return out

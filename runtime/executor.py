@@ -1,5 +1,6 @@
 """Runs the artifact's program: binds its weights once, then turns a batch of sequences into the
-program's flat ragged inputs and returns logits for the last token of each sequence."""
+program's flat ragged inputs and returns logits for the last token of each sequence. Decode steps
+go through the graph cache when one is attached (one executable per shape bucket)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ class Executor:
         self.graph_module = graph_module
         self.params = params
         self.device = torch.device(device)
+        self.graph_cache = None  # a runtime.graph_cache.GraphCache, attached by the loader
 
-    def step_inputs(self, seqs: list[Sequence], all_logits: bool = False) -> list[torch.Tensor]:
-        """Flat ragged inputs for one step, in the order of trace.INPUT_NAMES (minus kv_cache)."""
+    @staticmethod
+    def step_rows(seqs: list[Sequence], all_logits: bool = False) -> list[list[int]]:
+        """The program's index inputs for one step, as host lists, in trace.INPUT_NAMES order:
+        input_ids, positions, token_slots [T]; seq_slots, query_lens, seq_lens [B];
+        logits_indices [N] (the last token of each sequence, or every token)."""
         ids, positions, token_slots, query_lens, seq_lens = [], [], [], [], []
         for seq in seqs:
             pending = seq.pending_ids()
@@ -24,26 +29,22 @@ class Executor:
             token_slots += [seq.slot] * len(pending)
             query_lens.append(len(pending))
             seq_lens.append(seq.num_cached + len(pending))
-        if all_logits:
-            logits_indices = list(range(len(ids)))
-        else:
-            logits_indices = torch.tensor(query_lens).cumsum(0).sub(1).tolist()
-        rows = (
-            ids,
-            positions,
-            token_slots,
-            [s.slot for s in seqs],
-            query_lens,
-            seq_lens,
-            logits_indices,
-        )
-        return [torch.tensor(r, dtype=torch.int64, device=self.device) for r in rows]
+        ends = torch.tensor(query_lens).cumsum(0).sub(1).tolist()
+        logits_indices = list(range(len(ids))) if all_logits else ends
+        seq_slots = [s.slot for s in seqs]
+        return [ids, positions, token_slots, seq_slots, query_lens, seq_lens, logits_indices]
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], kv_cache: torch.Tensor, all_logits: bool = False):
         """Run one step and mark the pending tokens as cached. Returns logits [N, V]."""
-        inputs = self.step_inputs(seqs, all_logits)
-        (logits,) = self.graph_module(*self.params, *inputs, kv_cache)
+        rows = self.step_rows(seqs, all_logits)
+        logits = None
+        is_decode = len(rows[0]) == len(seqs) and not all_logits
+        if self.graph_cache is not None and is_decode:
+            logits = self.graph_cache.run_decode(rows, kv_cache)
+        if logits is None:
+            inputs = [torch.tensor(r, dtype=torch.int64, device=self.device) for r in rows]
+            (logits,) = self.graph_module(*self.params, *inputs, kv_cache)
         for seq in seqs:
             seq.num_cached = seq.num_tokens
         return logits

@@ -79,3 +79,16 @@ def test_opcheck():
         torch.tensor([0, 1]),
     )
     torch.library.opcheck(torch.ops.xllm.store_kv.default, store_args)
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_cuda_static_decode_path_matches_naive_on_cpu(window):
+    """The sync-free decode path bound to CUDA (graph-capturable), run on the CPU."""
+    from xllm_compile.kernels.cuda.attention import _decode_static
+
+    q, cache, layer, positions, slots, q_lens, seq_lens, scale, _ = make_batch(
+        [1, 1, 1], [4, 9, 20]
+    )
+    out = _decode_static(q, cache[layer], positions, slots, seq_lens, scale, window)
+    expected = naive_attention(q, cache, layer, positions, slots, q_lens, seq_lens, scale, window)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

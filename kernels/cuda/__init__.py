@@ -1,0 +1,1 @@
+"""CUDA implementations of `xllm::` ops; imported only when a CUDA device is used."""

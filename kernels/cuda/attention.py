@@ -1,0 +1,44 @@
+"""CUDA binding of `xllm::attention`: the decode path without host synchronization, so that a
+decode step can be captured in a CUDA graph.
+
+The CPU reference sizes its gather by `int(seq_lens.max())`, a device->host sync that CUDA-graph
+capture forbids. Here the bound is the cache's position extent `kv_cache.shape[3]`, a static
+shape: the graph cache passes a view of the cache cut to the step's kv-length bucket, so the
+bound tracks the longest sequence to within the bucket. Prefill keeps the reference path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from xllm_compile.kernels.attention import _mask, attention, prefill_reference
+
+
+def _decode_static(q, cache, positions, seq_slots, seq_lens, scale, window):
+    bound = cache.shape[2]  # cache here is kv_cache[layer]: [2, S, M, Hkv, D]
+    k_pos = torch.arange(bound, device=q.device)
+    rows = torch.minimum(k_pos[None, :], (seq_lens[:, None] - 1).clamp(min=0))  # [B, M]
+    k = cache[0][seq_slots[:, None], rows]  # [B, M, Hkv, D]
+    v = cache[1][seq_slots[:, None], rows]
+    mask = (k_pos[None, :] < seq_lens[:, None]) & _mask(positions[:, None], k_pos, window)
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2),  # [B, H, 1, D]
+        k.transpose(1, 2),  # [B, Hkv, M, D]
+        v.transpose(1, 2),
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[2],
+    )
+    return o.squeeze(2)  # [B, H, D]
+
+
+@attention.register_kernel("cuda")
+def _(q, kv_cache, layer, positions, seq_slots, query_lens, seq_lens, scale, sliding_window):
+    if q.shape[0] == seq_slots.shape[0]:
+        return _decode_static(
+            q, kv_cache[layer], positions, seq_slots, seq_lens, scale, sliding_window
+        )
+    return prefill_reference(
+        q, kv_cache, layer, positions, seq_slots, query_lens, seq_lens, scale, sliding_window
+    )

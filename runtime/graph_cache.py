@@ -1,0 +1,190 @@
+"""Multi-graph cache for decode steps, keyed by parameterized dynamic shapes.
+
+A decode step of B sequences whose longest context is Lk runs as the executable of its bucket
+(Bp, Lb): Bp the smallest batch bucket >= B, Lb the smallest kv-length bucket >= Lk. Values that
+vary inside a bucket (token ids, positions, slots, lengths) are inputs copied into the entry's
+static buffers, never baked in, so one executable serves every step of its bucket:
+
+  - CUDA: a CUDA graph captured over static input/output buffers (one memory pool shared by all
+    graphs, since one runs at a time), replayed after copying the step's inputs in;
+  - CPU: the program called on the padded, bucket-shaped inputs (its twin, carrying the tests).
+
+Padding rows are dummy sequences of one token at position 0 in a scratch KV slot reserved at
+start, so they never touch a real sequence's KV and never change a real token's result. The KV
+cache is passed cut to Lb positions (a view: same memory), which bounds the CUDA attention gather.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from xllm_compile.runtime.kv_cache import KVCache
+
+
+def decode_batch_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """1, 2, 4, 8, then steps of 8 up to 32 and of 16 after, always ending at max_num_seqs."""
+    sizes = [1, 2, 4, 8, *range(16, 33, 8), *range(48, max_num_seqs + 1, 16)]
+    return tuple(sorted({s for s in sizes if s < max_num_seqs} | {max_num_seqs}))
+
+
+def kv_len_buckets(max_len: int, smallest: int = 64) -> tuple[int, ...]:
+    """Powers of two from `smallest`, ending at max_len."""
+    sizes, n = set(), smallest
+    while n < max_len:
+        sizes.add(n)
+        n *= 2
+    return tuple(sorted(sizes | {max_len}))
+
+
+def bucket_for(n: int, buckets: tuple[int, ...]) -> int | None:
+    """The smallest bucket >= n, or None when n is larger than every bucket."""
+    for size in buckets:
+        if size >= n:
+            return size
+    return None
+
+
+@dataclass
+class GraphCacheStats:
+    hits: int = 0
+    misses: int = 0
+    builds: int = 0
+    build_time_s: float = 0.0
+    evictions: int = 0
+
+
+@dataclass
+class _Entry:
+    inputs: torch.Tensor  # [7, Bp] int64 static buffer: the program's seven index inputs
+    output: torch.Tensor | None = None  # [Bp, V] static logits (CUDA graphs)
+    graph: torch.cuda.CUDAGraph | None = None
+    uses: int = field(default=0)
+
+
+class GraphCache:
+    def __init__(
+        self,
+        graph_module,
+        params: list[torch.Tensor],
+        kv_cache: KVCache,
+        max_num_seqs: int,
+        device: str | torch.device,
+        use_cuda_graphs: bool | None = None,
+        max_entries: int = 64,
+    ) -> None:
+        self.graph_module, self.params, self.kv_cache = graph_module, params, kv_cache
+        self.device = torch.device(device)
+        self.use_cuda_graphs = (
+            self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+        )
+        self.batch_buckets = decode_batch_buckets(max_num_seqs)
+        self.kv_buckets = kv_len_buckets(kv_cache.max_len)
+        self.max_entries = max_entries
+        self.pad_slot = kv_cache.allocate(1)  # scratch slot for padding rows, held for good
+        self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
+        self.stats = GraphCacheStats()
+        self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
+
+    def key_for(self, batch_size: int, max_seq_len: int) -> tuple | None:
+        bp = bucket_for(batch_size, self.batch_buckets)
+        lb = bucket_for(max_seq_len, self.kv_buckets)
+        return None if bp is None or lb is None else ("decode", bp, lb)
+
+    def run_decode(self, rows: list[list[int]], kv_tensor: torch.Tensor) -> torch.Tensor | None:
+        """Run a decode step given its seven unpadded index rows (ids, positions, token_slots,
+        seq_slots, query_lens, seq_lens, logits_indices); logits [B, V], or None if no bucket."""
+        batch = len(rows[0])
+        key = self.key_for(batch, max(rows[5]))
+        if key is None:
+            return None
+        entry = self._entry(key, kv_tensor)
+        padded = self._pad(rows, key[1])
+        entry.inputs.copy_(padded, non_blocking=True)
+        entry.uses += 1
+        if entry.graph is not None:
+            entry.graph.replay()
+            return entry.output[:batch]
+        return self._call(entry.inputs, kv_tensor[:, :, :, : key[2]])[:batch]
+
+    def warmup(self, kv_tensor: torch.Tensor, show_progress: bool = False) -> None:
+        """Build every (batch, kv-length) bucket now, largest first (as capture wants)."""
+        from xllm_compile.progress import progress
+
+        keys = [
+            ("decode", b, lb)
+            for b in reversed(self.batch_buckets)
+            for lb in reversed(self.kv_buckets)
+        ]
+        with progress(total=len(keys), desc="warm-up", unit="graph", show=show_progress) as bar:
+            for key in keys:
+                self._entry(key, kv_tensor)
+                bar.update(1)
+
+    def _pad(self, rows: list[list[int]], bp: int) -> torch.Tensor:
+        pad = bp - len(rows[0])
+        # ids, positions, token_slots, seq_slots, query_lens, seq_lens, logits_indices
+        fill = (0, 0, self.pad_slot, self.pad_slot, 1, 1, None)
+        out = []
+        for row, value in zip(rows, fill, strict=True):
+            out.append(row + (list(range(len(row), bp)) if value is None else [value] * pad))
+        return torch.tensor(out, dtype=torch.int64)
+
+    def _call(self, inputs: torch.Tensor, kv_view: torch.Tensor) -> torch.Tensor:
+        (logits,) = self.graph_module(*self.params, *inputs.unbind(0), kv_view)
+        return logits
+
+    def _entry(self, key: tuple, kv_tensor: torch.Tensor) -> _Entry:
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.stats.hits += 1
+            self.entries.move_to_end(key)
+            return entry
+        self.stats.misses += 1
+        start = time.perf_counter()
+        entry = self._build(key, kv_tensor)
+        self.stats.builds += 1
+        self.stats.build_time_s += time.perf_counter() - start
+        self.entries[key] = entry
+        while len(self.entries) > self.max_entries:  # least recently used goes first
+            self.entries.popitem(last=False)
+            self.stats.evictions += 1
+        return entry
+
+    def _build(self, key: tuple, kv_tensor: torch.Tensor) -> _Entry:
+        _, bp, lb = key
+        inputs = self._pad([[] for _ in range(7)], bp).to(self.device)  # all rows are padding
+        entry = _Entry(inputs=inputs)
+        if not self.use_cuda_graphs:
+            return entry
+        kv_view = kv_tensor[:, :, :, :lb]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):  # warm up kernels and allocator outside the capture
+                self._call(inputs, kv_view)
+        torch.cuda.current_stream().wait_stream(stream)
+        entry.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(entry.graph, pool=self._pool):
+            entry.output = self._call(inputs, kv_view)
+        return entry
+
+
+def attach_graph_cache(engine, warmup: bool = False, **kwargs) -> GraphCache:
+    """Route the engine's decode steps through a new GraphCache (optionally built now)."""
+    ex = engine.executor
+    cache = GraphCache(
+        ex.graph_module,
+        ex.params,
+        engine.kv_cache,
+        engine.scheduler.max_num_seqs,
+        ex.device,
+        **kwargs,
+    )
+    ex.graph_cache = cache
+    if warmup:
+        cache.warmup(engine.kv_cache.tensor)
+    return cache
