@@ -217,10 +217,11 @@ class CompileConfig:
             raise ConfigError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.device not in DEVICES:
             raise ConfigError(f"--device {self.device!r}: choose one of {', '.join(DEVICES)}")
-        for name in ("max_model_len", "max_num_tokens", "max_num_seqs"):
+        for name, least in (("max_model_len", 2), ("max_num_tokens", 1), ("max_num_seqs", 1)):
             value = getattr(self, name)
-            if value is not None and value < 2:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 2, got {value}")
+            if value is not None and value < least:
+                flag = f"--{name.replace('_', '-')}"
+                raise ConfigError(f"{flag} must be at least {least}, got {value}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -34,12 +34,15 @@ def build_meta_model(config: ModelConfig, dtype: torch.dtype, max_len: int) -> C
     return model.eval()
 
 
+# Sample sizes for tracing: distinct and > 1, so export neither specializes them nor unifies
+# their dims. Each dim's range must hold its sample, whatever the limits asked for.
+NUM_TOKENS, NUM_SEQS, NUM_LOGITS, NUM_SLOTS, KV_LEN = 9, 3, 5, 4, 16
+
+
 def sample_inputs(config: ModelConfig, dtype: torch.dtype, device: str = "meta") -> tuple:
-    # Sizes chosen distinct and > 1 so export neither specializes them nor unifies their dims.
-    num_tokens, num_seqs, num_logits, num_slots, max_len = 9, 3, 5, 4, 16
-    ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
-    seqs = torch.zeros(num_seqs, dtype=torch.int64, device=device)
-    cache_shape = (config.num_layers, 2, num_slots, max_len, config.num_kv_heads, config.head_dim)
+    ids = torch.zeros(NUM_TOKENS, dtype=torch.int64, device=device)
+    seqs = torch.zeros(NUM_SEQS, dtype=torch.int64, device=device)
+    cache_shape = (config.num_layers, 2, NUM_SLOTS, KV_LEN, config.num_kv_heads, config.head_dim)
     return (
         ids,
         ids.clone(),
@@ -47,17 +50,17 @@ def sample_inputs(config: ModelConfig, dtype: torch.dtype, device: str = "meta")
         seqs,
         seqs.clone(),
         seqs.clone(),
-        torch.zeros(num_logits, dtype=torch.int64, device=device),
+        torch.zeros(NUM_LOGITS, dtype=torch.int64, device=device),
         torch.zeros(cache_shape, dtype=dtype, device=device),
     )
 
 
 def dynamic_shapes(max_num_tokens: int, max_num_seqs: int, max_len: int) -> tuple:
-    tokens = Dim("num_tokens", min=1, max=max(max_num_tokens, 2))
-    seqs = Dim("num_seqs", min=1, max=max(max_num_seqs, 2))
-    logits = Dim("num_logits", min=1, max=max(max_num_tokens, 2))
+    tokens = Dim("num_tokens", min=1, max=max(max_num_tokens, NUM_TOKENS))
+    seqs = Dim("num_seqs", min=1, max=max(max_num_seqs, NUM_SEQS))
+    logits = Dim("num_logits", min=1, max=max(max_num_tokens, NUM_TOKENS))
     slots = Dim("num_kv_slots", min=1, max=1 << 20)
-    kv_len = Dim("kv_len", min=2, max=max(max_len, 3))
+    kv_len = Dim("kv_len", min=2, max=max(max_len, KV_LEN))
     per_token, per_seq = {0: tokens}, {0: seqs}
     return (
         per_token,

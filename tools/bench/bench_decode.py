@@ -19,6 +19,7 @@ import torch
 
 from xllm_compile.cli import compile_main
 from xllm_compile.runtime import load
+from xllm_compile.runtime.graph_cache import attach_graph_cache
 from xllm_compile.runtime.sampler import SamplingParams
 from xllm_compile.runtime.sequence import Sequence
 
@@ -51,22 +52,28 @@ def make_preset(name: str, out: Path) -> Path:
     return out
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _timed(fn) -> float:
+    _sync()
     start = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - start
 
 
 @torch.inference_mode()
-def bench_hf(
-    model_dir: Path, dtype, batch: int, prompt_len: int, steps: int
-) -> tuple[float, float]:
+def bench_hf(model_dir: Path, dtype, batch, prompt_len, steps, device) -> tuple[float, float]:
     """(prefill tokens/s, decode ms/step) of transformers eager with its dynamic KV cache."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = model.to(device).eval()
     vocab = model.config.vocab_size
-    ids = torch.randint(3, vocab, (batch, prompt_len))
+    ids = torch.randint(3, vocab, (batch, prompt_len), device=device)
     model(ids[:, :8])  # warm-up
     out = None
 
@@ -77,17 +84,22 @@ def bench_hf(
     t_prefill = _timed(prefill)
     past, token, times = out.past_key_values, out.logits[:, -1:].argmax(-1), []
     for _ in range(steps):
+        _sync()
         start = time.perf_counter()
         step = model(token, past_key_values=past, use_cache=True)
         past, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+        _sync()
         times.append(time.perf_counter() - start)
     return batch * prompt_len / t_prefill, 1000 * statistics.median(times)
 
 
 @torch.inference_mode()
-def bench_xllm(art: Path, batch: int, prompt_len: int, steps: int) -> tuple[float, float]:
-    """(prefill tokens/s, decode ms/step) of the artifact: one ragged prefill, then decode steps."""
-    engine = load(art, max_num_seqs=batch)
+def bench_xllm(art: Path, batch, prompt_len, steps, graphs: bool) -> tuple[float, float]:
+    """(prefill tokens/s, decode ms/step) of the artifact: one ragged prefill, then decode steps
+    (through the graph cache when `graphs`: CUDA graphs on GPU)."""
+    engine = load(art, max_num_seqs=batch + 1)
+    if graphs:
+        attach_graph_cache(engine, warmup=True)
     vocab = engine.manifest["model"]["config"]["vocab_size"]
     warm = Sequence(torch.randint(3, vocab, (8,)).tolist(), SamplingParams())
     warm.slot = engine.kv_cache.allocate(8)
@@ -110,8 +122,10 @@ def bench_xllm(art: Path, batch: int, prompt_len: int, steps: int) -> tuple[floa
     for _ in range(steps):
         for seq, token in zip(seqs, logits.argmax(-1).tolist(), strict=True):
             seq.output_ids.append(token)
+        _sync()
         start = time.perf_counter()
         logits = engine.executor.run(seqs, engine.kv_cache.tensor)
+        _sync()
         times.append(time.perf_counter() - start)
     return batch * prompt_len / t_prefill, 1000 * statistics.median(times)
 
@@ -124,6 +138,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--graphs",
+        action="store_true",
+        help="also decode through the graph cache (CUDA graphs on GPU)",
+    )
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,16 +168,24 @@ def main(argv: list[str] | None = None) -> None:
             f"model {args.model or args.preset}  dtype {args.dtype}  prompt {args.prompt_len}"
             f"  threads {torch.get_num_threads()}"
         )
-        print(f"{'batch':>5} {'engine':>8} {'prefill tok/s':>14} {'decode ms/step':>15}")
+        print(f"{'batch':>5} {'engine':>12} {'prefill tok/s':>14} {'decode ms/step':>15}")
         for batch in args.batch:
-            hf = bench_hf(model_dir, dtype, batch, args.prompt_len, args.steps)
-            ours = bench_xllm(art, batch, args.prompt_len, args.steps)
-            print(f"{batch:>5} {'HF eager':>8} {hf[0]:>14.0f} {hf[1]:>15.2f}")
-            print(f"{batch:>5} {'xllm':>8} {ours[0]:>14.0f} {ours[1]:>15.2f}")
-            print(
-                f"{batch:>5} {'ratio':>8} {ours[0] / hf[0]:>13.2f}x {ours[1] / hf[1]:>14.2f}x"
-                "   (prefill: >1 faster; decode: <1 faster)"
-            )
+            hf = bench_hf(model_dir, dtype, batch, args.prompt_len, args.steps, args.device)
+            rows = [
+                ("HF eager", hf),
+                ("xllm", bench_xllm(art, batch, args.prompt_len, args.steps, False)),
+            ]
+            if args.graphs:
+                rows.append(
+                    ("xllm+graphs", bench_xllm(art, batch, args.prompt_len, args.steps, True))
+                )
+            for name, (tok_s, ms) in rows:
+                ratio = (
+                    ""
+                    if name == "HF eager"
+                    else (f"   prefill {tok_s / hf[0]:.2f}x HF, decode {ms / hf[1]:.2f}x HF's time")
+                )
+                print(f"{batch:>5} {name:>12} {tok_s:>14.0f} {ms:>15.2f}{ratio}")
 
 
 if __name__ == "__main__":
