@@ -31,7 +31,7 @@ def prefill_then_decode(engine, prompt: list[int], continuation: list[int]) -> t
 
 @torch.no_grad()
 def hf_logits(model, ids: list[int]) -> torch.Tensor:
-    return model(torch.tensor([ids])).logits[0]
+    return model(torch.tensor([ids], device=model.device)).logits[0]
 
 
 @torch.no_grad()
