@@ -7,7 +7,10 @@ static buffers, never baked in, so one executable serves every step of its bucke
 
   - CUDA: a CUDA graph captured over static input/output buffers (one memory pool shared by all
     graphs, since one runs at a time), replayed after copying the step's inputs in;
-  - CPU: the program called on the padded, bucket-shaped inputs (its twin, carrying the tests).
+  - CPU: the program called on the padded, bucket-shaped inputs ("eager", its twin, carrying
+    the tests), or compiled by Inductor for the bucket's static shapes ("inductor"); Inductor's
+    on-disk graph cache (under ~/.cache/xllm_compile/inductor) lets a second process skip the
+    compile.
 
 Padding rows are dummy sequences of one token at position 0 in a scratch KV slot reserved at
 start, so they never touch a real sequence's KV and never change a real token's result. The KV
@@ -16,6 +19,7 @@ cache is passed cut to Lb positions (a view: same memory), which bounds the CUDA
 
 from __future__ import annotations
 
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -48,6 +52,17 @@ def bucket_for(n: int, buckets: tuple[int, ...]) -> int | None:
     return None
 
 
+BACKENDS = ("cuda_graph", "eager", "inductor")
+
+
+def inductor_cache_dir() -> str:
+    """Where Inductor keeps compiled graphs across processes (unless TORCHINDUCTOR_CACHE_DIR)."""
+    root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    return os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR", os.path.join(root, "xllm_compile", "inductor")
+    )
+
+
 @dataclass
 class GraphCacheStats:
     hits: int = 0
@@ -55,6 +70,8 @@ class GraphCacheStats:
     builds: int = 0
     build_time_s: float = 0.0
     evictions: int = 0
+    compile_cache_hits: int = 0  # Inductor graphs loaded from the on-disk cache
+    compile_cache_misses: int = 0  # Inductor graphs compiled from scratch
 
 
 @dataclass
@@ -62,6 +79,7 @@ class _Entry:
     inputs: torch.Tensor  # [7, Bp] int64 static buffer: the program's seven index inputs
     output: torch.Tensor | None = None  # [Bp, V] static logits (CUDA graphs)
     graph: torch.cuda.CUDAGraph | None = None
+    fn: object = None  # the compiled program (Inductor), else None: the program itself
     uses: int = field(default=0)
 
 
@@ -73,14 +91,18 @@ class GraphCache:
         kv_cache: KVCache,
         max_num_seqs: int,
         device: str | torch.device,
-        use_cuda_graphs: bool | None = None,
+        backend: str | None = None,
         max_entries: int = 64,
     ) -> None:
+        """`backend`: "cuda_graph" (the default on CUDA), "eager" (the default on CPU) or
+        "inductor"; `max_entries`: executables kept, the least recently used evicted first."""
         self.graph_module, self.params, self.kv_cache = graph_module, params, kv_cache
         self.device = torch.device(device)
-        self.use_cuda_graphs = (
-            self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
-        )
+        self.backend = backend or ("cuda_graph" if self.device.type == "cuda" else "eager")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"graph cache backend {self.backend!r}; choose from {BACKENDS}")
+        self.use_cuda_graphs = self.backend == "cuda_graph"
+        self._compiled = None
         self.batch_buckets = decode_batch_buckets(max_num_seqs)
         self.kv_buckets = kv_len_buckets(kv_cache.max_len)
         self.max_entries = max_entries
@@ -108,7 +130,7 @@ class GraphCache:
         if entry.graph is not None:
             entry.graph.replay()
             return entry.output[:batch]
-        return self._call(entry.inputs, kv_tensor[:, :, :, : key[2]])[:batch]
+        return self._call(entry.inputs, kv_tensor[:, :, :, : key[2]], entry.fn)[:batch]
 
     def warmup(self, kv_tensor: torch.Tensor, show_progress: bool = False) -> None:
         """Build every (batch, kv-length) bucket now, largest first (as capture wants)."""
@@ -133,8 +155,10 @@ class GraphCache:
             out.append(row + (list(range(len(row), bp)) if value is None else [value] * pad))
         return torch.tensor(out, dtype=torch.int64)
 
-    def _call(self, inputs: torch.Tensor, kv_view: torch.Tensor) -> torch.Tensor:
-        (logits,) = self.graph_module(*self.params, *inputs.unbind(0), kv_view)
+    def _call(self, inputs: torch.Tensor, kv_view: torch.Tensor, fn=None) -> torch.Tensor:
+        (logits,) = (self.graph_module if fn is None else fn)(
+            *self.params, *inputs.unbind(0), kv_view
+        )
         return logits
 
     def _entry(self, key: tuple, kv_tensor: torch.Tensor) -> _Entry:
@@ -158,9 +182,11 @@ class GraphCache:
         _, bp, lb = key
         inputs = self._pad([[] for _ in range(7)], bp).to(self.device)  # all rows are padding
         entry = _Entry(inputs=inputs)
+        kv_view = kv_tensor[:, :, :, :lb]
+        if self.backend == "inductor":
+            entry.fn = self._compile_bucket(inputs, kv_view)
         if not self.use_cuda_graphs:
             return entry
-        kv_view = kv_tensor[:, :, :, :lb]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
@@ -172,15 +198,43 @@ class GraphCache:
             entry.output = self._call(inputs, kv_view)
         return entry
 
+    def _compile_bucket(self, inputs: torch.Tensor, kv_view: torch.Tensor):
+        """Inductor-compile the program for this bucket's static shapes (compiled on this call)."""
+        import torch._dynamo
 
-def attach_graph_cache(engine, warmup: bool = False, **kwargs) -> GraphCache:
-    """Route the engine's decode steps through a new GraphCache (optionally built now)."""
+        inductor_cache_dir()
+        if self._compiled is None:
+            self._compiled = torch.compile(self.graph_module, dynamic=False)
+        hits, misses = _inductor_counters()
+        # One compiled artifact per bucket: lift dynamo's per-function recompile limit (8) to the
+        # number of buckets for the duration of the build.
+        limit = len(self.batch_buckets) * len(self.kv_buckets) + 8
+        with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=limit):
+            with torch.inference_mode():
+                self._call(inputs, kv_view, self._compiled)
+        new_hits, new_misses = _inductor_counters()
+        self.stats.compile_cache_hits += new_hits - hits
+        self.stats.compile_cache_misses += new_misses - misses
+        return self._compiled
+
+
+def _inductor_counters() -> tuple[int, int]:
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+
+def attach_graph_cache(
+    engine, warmup: bool = False, max_num_seqs: int | None = None, **kwargs
+) -> GraphCache:
+    """Route the engine's decode steps through a new GraphCache (optionally built now).
+    `max_num_seqs`: the largest batch bucket (default: the engine's limit)."""
     ex = engine.executor
     cache = GraphCache(
         ex.graph_module,
         ex.params,
         engine.kv_cache,
-        engine.scheduler.max_num_seqs,
+        max_num_seqs or engine.scheduler.max_num_seqs,
         ex.device,
         **kwargs,
     )

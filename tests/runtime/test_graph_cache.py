@@ -75,3 +75,47 @@ def test_logits_of_a_padded_step(llama_artifact):
     inputs = [torch.tensor(r) for r in rows]
     (unpadded,) = engine.executor.graph_module(*engine.executor.params, *inputs, kv)
     torch.testing.assert_close(padded, unpadded, rtol=1e-6, atol=1e-6)
+
+
+INDUCTOR_RUN = """
+import json, sys
+from xllm_compile.runtime import load
+from xllm_compile.runtime.graph_cache import attach_graph_cache
+engine = load(sys.argv[1], max_num_seqs=2)
+cache = attach_graph_cache(engine, backend="inductor", warmup=True, max_num_seqs=1)
+[out] = engine.generate([[1, 2, 3, 4]], max_tokens=6, ignore_eos=True)
+s = cache.stats
+print(json.dumps({"tokens": out.token_ids, "hits": s.compile_cache_hits,
+                  "misses": s.compile_cache_misses, "builds": s.builds}))
+"""
+
+
+def test_inductor_buckets_persist_across_processes(family_models, tmp_path):
+    """A second process loading the same artifact finds the compiled bucket on disk."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import compile_cli
+
+    _, model_dir, _ = family_models("llama3")
+    art = compile_cli(model_dir, tmp_path / "art", "--max-model-len", "64")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run(
+            [sys.executable, "-c", INDUCTOR_RUN, str(art)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["builds"] == second["builds"] == 1  # one bucket: batch 1, kv length 64
+    assert first["misses"] >= 1 and first["hits"] == 0
+    assert second["misses"] == 0 and second["hits"] >= 1
+    [expected] = load(art).generate([[1, 2, 3, 4]], max_tokens=6, ignore_eos=True)
+    assert first["tokens"] == second["tokens"] == expected.token_ids
