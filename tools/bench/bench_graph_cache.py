@@ -1,0 +1,131 @@
+"""The decode graph cache on one artifact, same run: decode ms/step unbucketed eager vs each
+cache backend (eager buckets, Inductor buckets, CUDA graphs on GPU), warm-up time per backend,
+and the dispatch overhead of a cache hit (lookup + padding + input copy, µs/step).
+
+    python -m xllm_compile.tools.bench.bench_graph_cache --model examples/tiny-llama
+    python -m xllm_compile.tools.bench.bench_graph_cache --preset qwen2.5-0.5b --batch 1 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from xllm_compile.cli import compile_main
+from xllm_compile.runtime import load
+from xllm_compile.runtime.graph_cache import attach_graph_cache
+from xllm_compile.runtime.sampler import SamplingParams
+from xllm_compile.runtime.sequence import Sequence
+from xllm_compile.tools.bench.bench_decode import PRESETS, make_preset
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def decode_ms(engine, batch: int, prompt_len: int, steps: int) -> float:
+    seqs = [Sequence(list(range(3, 3 + prompt_len)), SamplingParams()) for _ in range(batch)]
+    for seq in seqs:
+        seq.slot = engine.kv_cache.allocate(prompt_len + steps + 1)
+    logits, times = engine.executor.run(seqs, engine.kv_cache.tensor), []
+    for _ in range(steps):
+        for seq, token in zip(seqs, logits.argmax(-1).tolist(), strict=True):
+            seq.output_ids.append(token)
+        _sync()
+        start = time.perf_counter()
+        logits = engine.executor.run(seqs, engine.kv_cache.tensor)
+        _sync()
+        times.append(time.perf_counter() - start)
+    for seq in seqs:
+        engine.kv_cache.free(seq.slot)
+    return 1000 * statistics.median(times[2:] or times)
+
+
+def dispatch_us(cache, batch: int, n: int = 2000) -> float:
+    """Host cost of a hit: bucket lookup, padding and the copy into the static inputs."""
+    rows = [
+        [5] * batch,
+        [9] * batch,
+        [0] * batch,
+        [0] * batch,
+        [1] * batch,
+        [10] * batch,
+        list(range(batch)),
+    ]
+    key = cache.key_for(batch, 10)
+    entry = cache.entries[key]
+    start = time.perf_counter()
+    for _ in range(n):
+        cache.key_for(batch, max(rows[5]))
+        entry.inputs.copy_(cache._pad(rows, key[1]), non_blocking=True)
+    return 1e6 * (time.perf_counter() - start) / n
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model")
+    p.add_argument("--preset", choices=list(PRESETS))
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--steps", type=int, default=16)
+    args = p.parse_args(argv)
+    backends = ["eager", "inductor"] if args.device == "cpu" else ["cuda_graph"]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(args.model) if args.model else make_preset(args.preset, Path(tmp) / "m")
+        art = Path(tmp) / "art"
+        max_len = args.prompt_len + args.steps + 8
+        compile_main(
+            [
+                str(model_dir),
+                "--out",
+                str(art),
+                "--dtype",
+                args.dtype,
+                "--quiet",
+                "--device",
+                args.device,
+                "--max-model-len",
+                str(max_len),
+                "--max-num-seqs",
+                str(max(args.batch) + 1),
+            ]
+        )
+        print(
+            f"model {args.model or args.preset}  dtype {args.dtype}  device {args.device}  "
+            f"threads {torch.get_num_threads()}  kv length <= {max_len}"
+        )
+        plain = load(art, max_num_seqs=max(args.batch) + 1)
+        base = {b: decode_ms(plain, b, args.prompt_len, args.steps) for b in args.batch}
+        for b in args.batch:
+            print(f"  unbucketed eager  batch {b:>3}: {base[b]:8.2f} ms/step")
+        for backend in backends:
+            engine = load(art, max_num_seqs=max(args.batch) + 1)
+            start = time.perf_counter()
+            cache = attach_graph_cache(
+                engine, warmup=True, max_num_seqs=max(args.batch), backend=backend
+            )
+            warm = time.perf_counter() - start
+            print(
+                f"  {backend}: warm-up {warm:.1f} s for {cache.stats.builds} buckets, "
+                f"hit dispatch {dispatch_us(cache, args.batch[0]):.1f} µs/step"
+            )
+            for b in args.batch:
+                ms = decode_ms(engine, b, args.prompt_len, args.steps)
+                print(
+                    f"  {backend:>10} batch {b:>3}: {ms:8.2f} ms/step  "
+                    f"({ms / base[b]:.2f}x unbucketed)"
+                )
+            assert cache.stats.builds == len(cache.entries)  # no build after warm-up
+
+
+if __name__ == "__main__":
+    main()
