@@ -98,8 +98,7 @@ def bench_xllm(art: Path, batch, prompt_len, steps, graphs: bool) -> tuple[float
     """(prefill tokens/s, decode ms/step) of the artifact: one ragged prefill, then decode steps
     (through the graph cache when `graphs`: CUDA graphs on GPU)."""
     engine = load(art, max_num_seqs=batch + 1)
-    if graphs:
-        attach_graph_cache(engine, warmup=True)
+    cache = attach_graph_cache(engine, warmup=True) if graphs else None
     vocab = engine.manifest["model"]["config"]["vocab_size"]
     warm = Sequence(torch.randint(3, vocab, (8,)).tolist(), SamplingParams())
     warm.slot = engine.kv_cache.allocate(8)
@@ -127,6 +126,12 @@ def bench_xllm(art: Path, batch, prompt_len, steps, graphs: bool) -> tuple[float
         logits = engine.executor.run(seqs, engine.kv_cache.tensor)
         _sync()
         times.append(time.perf_counter() - start)
+    if cache is not None:
+        st = cache.stats
+        print(
+            f"      graph cache: {st.builds} builds in {st.build_time_s:.1f} s, {st.hits} hits, "
+            f"{st.misses} misses, backend {cache.backend}"
+        )
     return batch * prompt_len / t_prefill, 1000 * statistics.median(times)
 
 
