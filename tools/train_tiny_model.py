@@ -18,7 +18,8 @@ Steps: reflow the text into paragraphs, train a byte-level BPE tokenizer (`token
 cosine decay, fixed seed) for a wall-time budget, and save the model in bfloat16 safetensors
 with the tokenizer files, a generation config and a README.md describing the run. The last 5%
 of every novel is held out for validation. With `--steps N` the run takes exactly N steps
-instead of a time budget, which makes it repeatable (the README records the step count).
+instead of a time budget (the cosine schedule then follows the step count, not the clock), which
+makes it repeatable; the README records the step count of the run.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -379,7 +381,8 @@ recognisable (if not sensible) English.
   reflowed into paragraphs and italic underscores removed; each novel ends with
   `<|endoftext|>`. The last 5% of every novel is held out for validation.
 - **Command**: `{command}`
-  (repeat this run exactly, given the same library versions: add `--steps {steps}`)
+  (for a repeatable run of the same length add `--steps {steps}`; the learning-rate schedule
+  then follows the step count instead of the clock)
 - **Tokenizer**: byte-level BPE, {vocab} tokens; `<|endoftext|>` (id 0: bos, eos, pad),
   `<|im_start|>` (1), `<|im_end|>` (2); ChatML chat template (the model never saw chat data).
 - **Config**: `LlamaForCausalLM`, {shape}
@@ -393,17 +396,22 @@ recognisable (if not sensible) English.
 
 Greedy continuation of "{prompt}":
 
-> {greedy}
+{greedy}
 
 Sampled (temperature 0.8, seed {seed}):
 
-> {sampled}
+{sampled}
 """
+
+
+def blockquote(text: str) -> str:
+    return "\n".join(f"> {line}" if line else ">" for line in text.split("\n"))
 
 
 def write_readme(out: Path, stats: dict, args: argparse.Namespace) -> None:
     shape = ", ".join(f"{k} {v}" for k, v in MODEL_SHAPE.items())
     tokens = stats["steps"] * args.batch_size * args.seq_len
+    quoted = {k: blockquote(stats[k]) for k in ("greedy", "sampled")}
     text = README.format(
         package=DEB_PACKAGE,
         version=DEB_VERSION,
@@ -417,12 +425,13 @@ def write_readme(out: Path, stats: dict, args: argparse.Namespace) -> None:
         minutes=stats["seconds"] / 60,
         threads=args.threads,
         torch=torch.__version__,
-        tf=__import__("transformers").__version__,
+        tf=transformers.__version__,
         ppl=math.exp(stats["val"]),
         prompt=PROMPT,
         batch=args.batch_size,
         seq=args.seq_len,
-        **{k: v for k, v in stats.items() if k not in ("seconds",)},
+        **{k: v for k, v in stats.items() if k not in quoted},
+        **quoted,
     )
     (out / "README.md").write_text(text)
 
