@@ -75,6 +75,8 @@ class Engine:
 
     def step(self) -> None:
         batch = self.scheduler.schedule()
+        if not batch.seqs:  # every running sequence was preempted: nothing to run this step
+            return
         logits = self.executor.run(batch.seqs, self.kv_cache.tensor)
         tokens = sample(logits, [s.params for s in batch.seqs], [s.generator for s in batch.seqs])
         for seq, token in zip(batch.seqs, tokens, strict=True):

@@ -1,8 +1,8 @@
 """The KV cache behind a small interface: a tensor [L, 2, S, M, Hkv, D] that the program writes
 in place, and slot allocation (one contiguous [M, Hkv, D] region per sequence and layer).
 
-`ContiguousKVCache` preallocates every slot; the page-mapped cache (issue 4) implements the same
-interface and maps pages into a slot only as its sequence grows.
+`ContiguousKVCache` preallocates every slot; `PagedKVCache` (paged_kv_cache.py) implements the
+same interface and maps pages into a slot only as its sequence grows.
 """
 
 from __future__ import annotations

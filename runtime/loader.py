@@ -12,10 +12,11 @@ import xllm_compile.kernels  # noqa: F401  (registers the xllm:: ops the program
 from xllm_compile import artifact
 from xllm_compile.backend import check_device
 from xllm_compile.config import DTYPES, ModelConfig
-from xllm_compile.errors import ArtifactError
+from xllm_compile.errors import ArtifactError, ConfigError
 from xllm_compile.runtime.engine import Engine
 from xllm_compile.runtime.executor import Executor
-from xllm_compile.runtime.kv_cache import ContiguousKVCache
+from xllm_compile.runtime.kv_cache import ContiguousKVCache, KVCache
+from xllm_compile.runtime.paged_kv_cache import KVGeometry, build_paged_kv_cache
 from xllm_compile.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,9 @@ def load(
     device: str | None = None,
     max_num_seqs: int | None = None,
     verify: bool = True,
+    kv_cache: str | None = None,
+    kv_memory: int | float = 0.5,
+    kv_page_size: int | None = None,
 ) -> Engine:
     """Load an artifact directory into an Engine.
 
@@ -34,8 +38,15 @@ def load(
         device: run on this device instead of the one compiled for.
         max_num_seqs: KV-cache slots (concurrent sequences); default: the artifact's limit.
         verify: check every file's sha256 (size is always checked).
+        kv_cache: "paged" (pages mapped as sequences grow; the default on cpu) or "contiguous"
+            (every slot preallocated at max length; the default elsewhere).
+        kv_memory: the paged cache's budget: bytes, or a fraction of the device's free memory.
+        kv_page_size: bytes per KV page (a multiple of the OS / driver granularity); default:
+            16 tokens of every layer's K and V, rounded up to that granularity.
     Raises:
         ArtifactError: the artifact is missing, corrupt, tampered with or from another version.
+        ConfigError: a bad kv_cache choice, or a budget below one max-length sequence.
+        BackendUnavailableError: the device (or its page mapping) is not available here.
     """
     art = artifact.open_artifact(path, verify=verify)
     m = art.manifest
@@ -46,25 +57,38 @@ def load(
     config = ModelConfig.from_dict(m["model"]["config"])
     limits = m["limits"]
     num_seqs = max_num_seqs or limits["max_num_seqs"]
-    kv_cache = ContiguousKVCache(
+    geometry = KVGeometry(
         config.num_layers,
         num_seqs,
         limits["max_model_len"],
         config.num_kv_heads,
         config.head_dim,
         DTYPES[m["dtype"]],
-        device,
     )
+    cache = _make_kv_cache(kv_cache, geometry, device, kv_memory, kv_page_size)
     tokenizer = Tokenizer(art.path) if m.get("tokenizer") else None
     return Engine(
         Executor(graph_module, params, device),
-        kv_cache,
+        cache,
         tokenizer,
         config.eos_token_ids,
         num_seqs,
         limits["max_num_tokens"],
         m,
     )
+
+
+def _make_kv_cache(
+    kind: str | None, g: KVGeometry, device: str, memory: int | float, page_size: int | None
+) -> KVCache:
+    kind = kind or ("paged" if device == "cpu" else "contiguous")
+    if kind == "paged":
+        return build_paged_kv_cache(g, device, memory, page_size)
+    if kind == "contiguous":
+        return ContiguousKVCache(
+            g.num_layers, g.num_slots, g.max_len, g.num_kv_heads, g.head_dim, g.dtype, device
+        )
+    raise ConfigError(f"kv_cache must be 'paged' or 'contiguous', got {kind!r}")
 
 
 def _load_program(art: artifact.Artifact) -> torch.fx.GraphModule:

@@ -68,7 +68,8 @@ def test_lru_eviction(llama_artifact):
 
 def test_logits_of_a_padded_step(llama_artifact):
     engine = load(llama_artifact, max_num_seqs=8)
-    cache = attach_graph_cache(engine)
+    cache = attach_graph_cache(engine)  # takes slot 0 for padding
+    assert [engine.kv_cache.allocate(8) for _ in range(2)] == [1, 2]  # page-mapped: map them
     rows = [[5, 9, 11], [3, 4, 2], [0, 1, 2], [0, 1, 2], [1, 1, 1], [4, 5, 3], [0, 1, 2]]
     kv = engine.kv_cache.tensor
     padded = cache.run_decode(rows, kv)
