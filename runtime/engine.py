@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from xllm_compile.errors import RequestError
@@ -72,6 +73,26 @@ class Engine:
         while self.scheduler.has_work():
             self.step()
         return [self._completion(seq) for seq in seqs]
+
+    def stream(self, prompt: str | list[int], max_tokens: int = 256, **sampling) -> Iterator[str]:
+        """Generate for one prompt, yielding text as it is decoded. A piece whose last bytes do
+        not yet form a whole character (a multi-byte UTF-8 sequence split over tokens) is held
+        back until they do, so no broken character is ever printed."""
+        if self.tokenizer is None:
+            raise RequestError("streaming text needs a tokenizer, and this artifact has none")
+        params = SamplingParams(max_tokens=max_tokens, **sampling)
+        seq = Sequence(self.encode(prompt), params, make_generator(params))
+        self.scheduler.add(seq)
+        printed = ""
+        while not seq.is_finished:
+            self.step()
+            ids = [t for t in seq.output_ids if t not in self.eos_token_ids]
+            text = self.tokenizer.decode(ids)
+            if text.endswith("\ufffd") and not seq.is_finished:
+                continue
+            if len(text) > len(printed) and text.startswith(printed):
+                yield text[len(printed) :]
+                printed = text
 
     def step(self) -> None:
         batch = self.scheduler.schedule()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def load(
     kv_cache: str | None = None,
     kv_memory: int | float = 0.5,
     kv_page_size: int | None = None,
+    graph_cache: bool | str = False,
+    warmup: bool = False,
 ) -> Engine:
     """Load an artifact directory into an Engine.
 
@@ -41,6 +44,9 @@ def load(
         kv_cache: "paged" (pages mapped as sequences grow; the default on cpu) or "contiguous"
             (every slot preallocated at max length; the default elsewhere).
         kv_memory: the paged cache's budget: bytes, or a fraction of the device's free memory.
+        graph_cache: run decode steps through the multi-graph cache (True: the device's default
+            backend, CUDA graphs on GPU; or "eager" / "inductor" / "cuda_graph").
+        warmup: build every graph-cache bucket now instead of on first use.
         kv_page_size: bytes per KV page (a multiple of the OS / driver granularity); default:
             16 tokens of every layer's K and V, rounded up to that granularity.
     Raises:
@@ -59,7 +65,7 @@ def load(
     num_seqs = max_num_seqs or limits["max_num_seqs"]
     geometry = KVGeometry(
         config.num_layers,
-        num_seqs,
+        num_seqs + (1 if graph_cache else 0),  # the graph cache holds one scratch slot
         limits["max_model_len"],
         config.num_kv_heads,
         config.head_dim,
@@ -67,15 +73,37 @@ def load(
     )
     cache = _make_kv_cache(kv_cache, geometry, device, kv_memory, kv_page_size)
     tokenizer = Tokenizer(art.path) if m.get("tokenizer") else None
-    return Engine(
+    engine = Engine(
         Executor(graph_module, params, device),
         cache,
         tokenizer,
-        config.eos_token_ids,
+        _eos_token_ids(art, config),
         num_seqs,
         limits["max_num_tokens"],
         m,
     )
+    if graph_cache:
+        from xllm_compile.runtime.graph_cache import attach_graph_cache
+
+        backend = None if graph_cache is True else graph_cache
+        attach_graph_cache(engine, warmup=warmup, max_num_seqs=num_seqs, backend=backend)
+    return engine
+
+
+def _eos_token_ids(art: artifact.Artifact, config: ModelConfig) -> tuple[int, ...]:
+    """config.json's eos ids plus generation_config.json's (chat models often stop on a second
+    token there, such as <|im_end|>)."""
+    ids = list(config.eos_token_ids)
+    gen = art.file("generation_config.json")
+    if gen.is_file():
+        try:
+            value = json.loads(gen.read_text()).get("eos_token_id")
+        except json.JSONDecodeError:
+            value = None
+        for token in value if isinstance(value, list) else [value]:
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
+    return tuple(ids)
 
 
 def _make_kv_cache(

@@ -52,3 +52,16 @@ def test_sampling_is_seeded(tiny_artifact):
     b = engine.generate([PROMPT], seed=1, **kw)[0].token_ids
     c = engine.generate([PROMPT], seed=2, **kw)[0].token_ids
     assert a == b and a != c
+
+
+def test_stream_yields_the_same_text(tiny_artifact):
+    engine = load(tiny_artifact)
+    pieces = list(engine.stream(PROMPT, max_tokens=20, ignore_eos=True))
+    [whole] = engine.generate([PROMPT], max_tokens=20, ignore_eos=True)
+    assert len(pieces) > 3
+    assert "".join(pieces) == whole.text
+
+
+def test_generation_config_eos_ids_stop_generation(tiny_artifact):
+    # config.json says eos 0; generation_config.json adds <|im_end|> (2)
+    assert load(tiny_artifact).eos_token_ids == {0, 2}

@@ -120,3 +120,14 @@ def test_inductor_buckets_persist_across_processes(family_models, tmp_path):
     assert second["misses"] == 0 and second["hits"] >= 1
     [expected] = load(art).generate([[1, 2, 3, 4]], max_tokens=6, ignore_eos=True)
     assert first["tokens"] == second["tokens"] == expected.token_ids
+
+
+def test_load_with_graph_cache_keeps_every_slot_for_sequences(llama_artifact):
+    engine = load(llama_artifact, max_num_seqs=3, graph_cache=True, warmup=True)
+    cache = engine.executor.graph_cache
+    assert cache.backend == "eager" and cache.stats.builds == len(cache.entries) > 0
+    prompts = [[1, 2], [3, 4, 5], [6]]
+    out = engine.generate(prompts, max_tokens=5, ignore_eos=True)  # all three run at once
+    plain = load(llama_artifact).generate(prompts, max_tokens=5, ignore_eos=True)
+    assert [r.token_ids for r in out] == [r.token_ids for r in plain]
+    assert cache.stats.misses == cache.stats.builds  # every step after warm-up was a hit
