@@ -19,7 +19,6 @@ import torch
 
 from xllm_compile.cli import compile_main
 from xllm_compile.runtime import load
-from xllm_compile.runtime.graph_cache import attach_graph_cache
 from xllm_compile.runtime.sampler import SamplingParams
 from xllm_compile.runtime.sequence import Sequence
 
@@ -97,8 +96,8 @@ def bench_hf(model_dir: Path, dtype, batch, prompt_len, steps, device) -> tuple[
 def bench_xllm(art: Path, batch, prompt_len, steps, graphs: bool) -> tuple[float, float]:
     """(prefill tokens/s, decode ms/step) of the artifact: one ragged prefill, then decode steps
     (through the graph cache when `graphs`: CUDA graphs on GPU)."""
-    engine = load(art, max_num_seqs=batch + 1)
-    cache = attach_graph_cache(engine, warmup=True) if graphs else None
+    engine = load(art, max_num_seqs=batch, graph_cache=graphs, warmup=graphs)
+    cache = engine.executor.graph_cache
     vocab = engine.manifest["model"]["config"]["vocab_size"]
     warm = Sequence(torch.randint(3, vocab, (8,)).tolist(), SamplingParams())
     warm.slot = engine.kv_cache.allocate(8)
@@ -135,10 +134,48 @@ def bench_xllm(art: Path, batch, prompt_len, steps, graphs: bool) -> tuple[float
     return batch * prompt_len / t_prefill, 1000 * statistics.median(times)
 
 
+def _model_dir(args, tmp: Path) -> Path:
+    if args.gguf:
+        from xllm_compile.gguf import gguf_to_hf_folder
+
+        return gguf_to_hf_folder(Path(args.gguf), tmp / "hf", show_progress=False)
+    return Path(args.model) if args.model else make_preset(args.preset, tmp / "m")
+
+
+def bench_llama_cpp(gguf: str, batch: int, prompt_len: int, steps: int) -> list:
+    """llama.cpp on the same GGUF (batch 1 only: one sequence per context), if installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("      (llama-cpp-python not installed: no llama.cpp row)")
+        return []
+    if batch != 1:
+        return []
+    llm = Llama(
+        model_path=gguf,
+        n_ctx=prompt_len + steps + 8,
+        n_threads=torch.get_num_threads(),
+        verbose=False,
+    )
+    tokens = list(range(100, 100 + prompt_len))
+    t_prefill = _timed(lambda: llm.eval(tokens))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+        times.append(time.perf_counter() - start)
+    return [("llama.cpp", (prompt_len / t_prefill, 1000 * statistics.median(times)))]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", help="HF model folder")
     p.add_argument("--preset", choices=list(PRESETS))
+    p.add_argument(
+        "--gguf",
+        help="a GGUF file (dequantized for us and for HF; llama.cpp runs it "
+        "as is when llama-cpp-python is installed)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt-len", type=int, default=128)
@@ -152,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(args.model) if args.model else make_preset(args.preset, Path(tmp) / "m")
+        model_dir = _model_dir(args, Path(tmp))
         art = Path(tmp) / "art"
         max_len = str(args.prompt_len + args.steps + 16)
         compile_main(
@@ -167,11 +204,14 @@ def main(argv: list[str] | None = None) -> None:
                 max_len,
                 "--max-num-seqs",
                 str(max(args.batch)),
+                "--device",
+                args.device,
             ]
         )
         print(
-            f"model {args.model or args.preset}  dtype {args.dtype}  prompt {args.prompt_len}"
-            f"  threads {torch.get_num_threads()}"
+            f"model {args.gguf or args.model or args.preset}  dtype {args.dtype}"
+            f"  prompt {args.prompt_len}"
+            f"  threads {torch.get_num_threads()}  device {args.device}"
         )
         print(f"{'batch':>5} {'engine':>12} {'prefill tok/s':>14} {'decode ms/step':>15}")
         for batch in args.batch:
@@ -184,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(
                     ("xllm+graphs", bench_xllm(art, batch, args.prompt_len, args.steps, True))
                 )
+            if args.gguf and args.device == "cpu":
+                rows += bench_llama_cpp(args.gguf, batch, args.prompt_len, args.steps)
             for name, (tok_s, ms) in rows:
                 ratio = (
                     ""
