@@ -53,6 +53,32 @@ def inspect_artifact(path: str, as_json: bool = False) -> str:
     ]
     parts = [_table(model_rows, f"artifact {path}"), _table(files, "files")]
     if m.get("passes"):
-        rows = [(p["name"], json.dumps(p.get("stats", {}))) for p in m["passes"]]
-        parts.append(_table(rows, "passes"))
+        parts.append(_pass_table(m["passes"]))
     return "\n\n".join(parts)
+
+
+def _pass_table(passes: list[dict]) -> str:
+    """One row per pass: nodes before -> after, matches, time, and what it replaced (or why it
+    was skipped)."""
+    header = ("pass", "ver", "nodes", "matches", "ms", "what")
+    rows = []
+    for p in passes:
+        s = p.get("stats", {})
+        what = p["skipped"] and f"skipped: {p['skipped']}"
+        what = what or ", ".join(f"{k} {v}" for k, v in s.get("replaced", {}).items()) or "-"
+        nodes = (
+            "-" if p.get("skipped") else f"{s.get('nodes_before', 0)} -> {s.get('nodes_after', 0)}"
+        )
+        ms = f"{1000 * p.get('time_s', 0):.1f}"
+        rows.append(
+            (p["name"], str(p.get("version", "")), nodes, str(s.get("matches", 0)), ms, what)
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    lines = ["passes", "------"]
+    for r in [header, *rows]:
+        cells = [
+            c.rjust(w) if i else c.ljust(w)
+            for i, (c, w) in enumerate(zip(r[:-1], widths, strict=True))
+        ]
+        lines.append("  " + "  ".join(cells) + "  " + r[-1])
+    return "\n".join(lines)

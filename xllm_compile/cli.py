@@ -12,14 +12,16 @@ import logging
 import sys
 
 from xllm_compile.config import DEVICES, DTYPES, CompileConfig
-from xllm_compile.errors import XllmError
+from xllm_compile.errors import ConfigError, XllmError
 
 PROG_COMPILE = "xllm-compile"
 
 
 def _add_compile_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="Hugging Face model folder (config.json + *.safetensors)")
-    p.add_argument("--out", required=True, help="artifact folder to write")
+    p.add_argument(
+        "model", nargs="?", help="Hugging Face model folder (config.json + *.safetensors)"
+    )
+    p.add_argument("--out", help="artifact folder to write (required)")
     p.add_argument("--dtype", default=CompileConfig.dtype, choices=list(DTYPES))
     p.add_argument("--device", default=CompileConfig.device, choices=list(DEVICES))
     p.add_argument(
@@ -44,6 +46,45 @@ def _add_compile_args(p: argparse.ArgumentParser) -> None:
         help="most sequences in one step",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_pass_args(p)
+
+
+def _add_pass_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("passes")
+    g.add_argument(
+        "--passes", default=None, help='comma-separated passes to run (pipeline order), or "none"'
+    )
+    g.add_argument(
+        "--disable-pass",
+        action="append",
+        default=[],
+        dest="disable_passes",
+        metavar="NAME",
+        help="skip this pass (repeatable)",
+    )
+    g.add_argument(
+        "--dump-graphs",
+        default=CompileConfig.dump_graphs,
+        dest="dump_graphs",
+        metavar="DIR",
+        help="write the graph as code after each pass: DIR/NN_<pass>.py",
+    )
+    g.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=CompileConfig.verify,
+        help="check each pass's numbers against the graph before it on sample inputs",
+    )
+    g.add_argument(
+        "--list-passes", action="store_true", dest="list_passes", help="list passes and exit"
+    )
+
+
+def _list_passes() -> str:
+    from xllm_compile.passes import PIPELINE
+
+    width = max(len(p.name) for p in PIPELINE)
+    return "\n".join(f"{p.name.ljust(width)}  v{p.VERSION}  {p.description}" for p in PIPELINE)
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -63,7 +104,13 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from xllm_compile.compiler import compile_model
+    from xllm_compile.passes import parse_pass_list
 
+    if args.list_passes:
+        print(_list_passes())
+        return 0
+    if args.model is None or args.out is None:
+        raise ConfigError("MODEL and --out are required (or pass --list-passes)")
     cfg = CompileConfig(
         model_path=args.model,
         out_dir=args.out,
@@ -73,6 +120,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         max_num_tokens=args.max_num_tokens,
         max_num_seqs=args.max_num_seqs,
         show_progress=not args.quiet,
+        passes=parse_pass_list(args.passes),
+        disable_passes=tuple(args.disable_passes),
+        dump_graphs=args.dump_graphs,
+        verify=args.verify,
     )
     out = compile_model(cfg)
     print(f"compiled {args.model} -> {out}")

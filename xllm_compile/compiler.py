@@ -17,8 +17,9 @@ from xllm_compile.config import CompileConfig, ModelConfig
 from xllm_compile.errors import ConfigError, UnsupportedModelError
 from xllm_compile.hf import load_hf_config, stream_weights
 from xllm_compile.models import model_config_from_hf, rotary_tables
+from xllm_compile.passes import PassContext, PassManager, build_pipeline
 from xllm_compile.progress import progress
-from xllm_compile.trace import INPUT_NAMES, export_model
+from xllm_compile.trace import INPUT_NAMES, export_model, verify_inputs
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ def compile_model(cfg: CompileConfig) -> Path:
     failed compile never leaves (or destroys) a half-written artifact.
     """
     check_device(cfg.device)
+    pipeline = build_pipeline(cfg.passes, cfg.disable_passes)  # bad names fail before any work
     model_dir, out_dir = Path(cfg.model_path), Path(cfg.out_dir)
     _check_out_dir(out_dir)
     if model_dir.suffix == ".gguf":
@@ -53,11 +55,12 @@ def compile_model(cfg: CompileConfig) -> Path:
         ep = export_model(config, cfg.torch_dtype, max_len, cfg.max_num_tokens, cfg.max_num_seqs)
         bar.update(2)
     weights = _load_weights(model_dir, ep, config, cfg, max_len)
+    pass_log = optimize(ep, weights, config, cfg, pipeline)
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     try:
-        _write(tmp_dir, model_dir, ep, weights, config, hf_config, cfg, max_len)
+        _write(tmp_dir, model_dir, ep, weights, config, hf_config, cfg, max_len, pass_log)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp_dir.rename(out_dir)
     finally:
@@ -85,7 +88,24 @@ def _load_weights(model_dir, ep, config: ModelConfig, cfg: CompileConfig, max_le
     return weights
 
 
-def _write(tmp_dir, model_dir, ep, weights, config, hf_config, cfg, max_len) -> None:
+def optimize(ep, weights: dict, config: ModelConfig, cfg: CompileConfig, pipeline) -> list[dict]:
+    """Run the pass pipeline on `ep` in place (merges rewrite `weights` too); returns the log."""
+    ctx = PassContext(
+        ep=ep,
+        weights=weights,
+        dtype=cfg.torch_dtype,
+        device=cfg.device,
+        sample_inputs=verify_inputs(config, cfg.torch_dtype) if cfg.verify else None,
+        config=config,
+    )
+    manager = PassManager(pipeline, verify=cfg.verify, dump_dir=cfg.dump_graphs)
+    with progress(total=len(pipeline), desc="passes", unit="pass", show=cfg.show_progress) as bar:
+        pass_log = manager.run(ctx)
+        bar.update(len(pipeline))
+    return pass_log
+
+
+def _write(tmp_dir, model_dir, ep, weights, config, hf_config, cfg, max_len, pass_log) -> None:
     torch.export.save(ep, tmp_dir / artifact.PROGRAM)
     params = [spec.target for spec in ep.graph_signature.input_specs if spec.target in weights]
     save_file({name: weights[name].contiguous() for name in params}, tmp_dir / artifact.WEIGHTS)
@@ -111,6 +131,6 @@ def _write(tmp_dir, model_dir, ep, weights, config, hf_config, cfg, max_len) -> 
             "tokenizer": {"files": tokenizer_files}
             if "tokenizer.json" in tokenizer_files
             else None,
-            "passes": [],
+            "passes": pass_log,
         },
     )

@@ -211,6 +211,10 @@ class CompileConfig:
     max_num_tokens: int = 4096  # tokens in one step (prefill budget)
     max_num_seqs: int = 64  # sequences in one step
     show_progress: bool = True
+    passes: tuple[str, ...] | None = None  # None: the whole pipeline; (): no passes
+    disable_passes: tuple[str, ...] = ()
+    dump_graphs: str | None = None  # folder for NN_<pass>.py graph dumps
+    verify: bool = True  # check each pass's numbers against the graph before it
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

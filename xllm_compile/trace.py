@@ -55,6 +55,27 @@ def sample_inputs(config: ModelConfig, dtype: torch.dtype, device: str = "meta")
     )
 
 
+def verify_inputs(config: ModelConfig, dtype: torch.dtype, seed: int = 0) -> tuple:
+    """Real inputs for the pass manager's numeric check: a ragged prefill of two sequences
+    (3 and 2 tokens) into a zeroed cache, logits for every token; order of INPUT_NAMES."""
+    g = torch.Generator().manual_seed(seed)
+    query_lens = torch.tensor([3, 2])
+    slots = torch.tensor([1, 0])  # not the identity, so a slot mix-up shows
+    cache_len = 8
+    return (
+        torch.randint(0, config.vocab_size, (5,), generator=g),
+        torch.tensor([0, 1, 2, 0, 1]),  # positions
+        slots.repeat_interleave(query_lens),  # token_slots
+        slots,
+        query_lens,
+        query_lens.clone(),  # seq_lens: a fresh prefill
+        torch.arange(5),  # logits_indices
+        torch.zeros(
+            (config.num_layers, 2, 2, cache_len, config.num_kv_heads, config.head_dim), dtype=dtype
+        ),
+    )
+
+
 def dynamic_shapes(max_num_tokens: int, max_num_seqs: int, max_len: int) -> tuple:
     tokens = Dim("num_tokens", min=1, max=max(max_num_tokens, NUM_TOKENS))
     seqs = Dim("num_seqs", min=1, max=max(max_num_seqs, NUM_SEQS))

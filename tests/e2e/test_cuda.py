@@ -3,6 +3,8 @@ bf16, and greedy decoding through CUDA graphs equal to eager."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -20,7 +22,7 @@ PROMPT = [1, 17, 93, 250, 4, 61, 77, 300, 12, 45, 201, 9]
 def test_cuda_fp32_parity_and_cuda_graph_greedy(family, family_models, tmp_path):
     model, model_dir, _ = family_models(family)
     art = compile_cli(model_dir, tmp_path / "cuda", "--device", "cuda")
-    model = model.to("cuda")
+    model = copy.deepcopy(model).to("cuda")
     continuation = hf_greedy(model, PROMPT, 20)
     ref = hf_logits(model, PROMPT + continuation).cpu()
     engine = load(art)
@@ -32,13 +34,11 @@ def test_cuda_fp32_parity_and_cuda_graph_greedy(family, family_models, tmp_path)
     assert [r.token_ids for r in graphed] == [r.token_ids for r in eager]
     assert graphed[0].token_ids == hf_greedy(model, PROMPT, 32)
     assert all(e.graph is not None for e in cache.entries.values())
-    model.cpu()
 
 
 def test_cuda_bf16_logits(family_models, tmp_path):
     model, model_dir, _ = family_models("qwen2")
     art = compile_cli(model_dir, tmp_path / "bf16", "--device", "cuda", "--dtype", "bfloat16")
-    ref = hf_logits(model.to("cuda", torch.bfloat16), PROMPT).cpu()
-    model.to("cpu", torch.float32)
+    ref = hf_logits(copy.deepcopy(model).to("cuda", torch.bfloat16), PROMPT).cpu()
     out = prefill_then_decode(load(art), PROMPT, []).cpu()
     assert rel_err(out, ref) < 2e-2
