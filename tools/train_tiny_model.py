@@ -27,8 +27,8 @@ from __future__ import annotations
 import os
 import sys
 
-# `python tools/train_tiny_model.py` puts tools/ first on sys.path, where a module named like a
-# standard one (tools/inspect.py) would shadow it. This script imports nothing from tools/.
+# `python tools/train_tiny_model.py` puts tools/ first on sys.path, where a file named like a
+# standard module would shadow it. This script imports nothing from tools/.
 if sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(__file__)):
     sys.path.pop(0)
 

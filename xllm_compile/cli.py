@@ -1,4 +1,4 @@
-"""Command line: `xllm-compile MODEL --out ART` and `xllm {compile,generate,inspect}`.
+"""Command line: `xllm-compile MODEL --out ART` and `xllm {compile,generate,chat,pull,inspect}`.
 
 Each subcommand builds a config and calls one library function. A user error (XllmError) is one
 line on stderr and exit status 2; progress goes to stderr, results to stdout.
@@ -19,7 +19,7 @@ PROG_COMPILE = "xllm-compile"
 
 def _add_compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "model", nargs="?", help="Hugging Face model folder (config.json + *.safetensors)"
+        "model", nargs="?", help="HF model folder (config.json + *.safetensors) or a .gguf file"
     )
     p.add_argument("--out", help="artifact folder to write (required)")
     p.add_argument("--dtype", default=CompileConfig.dtype, choices=list(DTYPES))
@@ -172,9 +172,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from xllm_compile.tools.inspect import inspect_artifact
+    from xllm_compile.tools.inspect_artifact import inspect_artifact
 
     print(inspect_artifact(args.artifact, as_json=args.json))
+    return 0
+
+
+def _pull_names() -> list[str]:
+    from xllm_compile.pull import MODELS
+
+    return list(MODELS)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from xllm_compile.pull import pull_main
+
+    print(pull_main(args.name, args.dir))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from xllm_compile.chat import chat_loop
+    from xllm_compile.runtime import load
+
+    engine = load(args.artifact, device=args.device)
+    chat_loop(
+        engine,
+        system=args.system,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     return 0
 
 
@@ -187,6 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from an artifact")
     _add_generate_args(p)
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("chat", help="talk to an artifact through its chat template")
+    p.add_argument("artifact")
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--max-tokens", type=int, default=256, dest="max_tokens")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0, dest="top_p")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, choices=list(DEVICES))
+    p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("pull", help="download a known model (GGUF) into the cache")
+    p.add_argument("name", choices=sorted(_pull_names()))
+    p.add_argument("--dir", default=None, help="cache folder (default: ~/.cache/xllm_compile)")
+    p.set_defaults(func=cmd_pull)
     p = sub.add_parser("inspect", help="show an artifact's manifest")
     p.add_argument("artifact")
     p.add_argument("--json", action="store_true")

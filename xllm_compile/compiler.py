@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -14,7 +16,7 @@ from safetensors.torch import save_file
 from xllm_compile import artifact
 from xllm_compile.backend import check_device
 from xllm_compile.config import CompileConfig, ModelConfig
-from xllm_compile.errors import ConfigError, UnsupportedModelError
+from xllm_compile.errors import ConfigError
 from xllm_compile.hf import load_hf_config, stream_weights
 from xllm_compile.models import model_config_from_hf, rotary_tables
 from xllm_compile.passes import PassContext, PassManager, build_pipeline
@@ -47,7 +49,7 @@ def compile_model(cfg: CompileConfig) -> Path:
     model_dir, out_dir = Path(cfg.model_path), Path(cfg.out_dir)
     _check_out_dir(out_dir)
     if model_dir.suffix == ".gguf":
-        raise UnsupportedModelError("GGUF input is not supported yet (issue 10); pass an HF folder")
+        return _compile_gguf(cfg, model_dir, out_dir)
     hf_config = load_hf_config(model_dir)
     config = model_config_from_hf(hf_config)
     max_len = resolve_max_len(config, cfg.max_model_len)
@@ -66,6 +68,19 @@ def compile_model(cfg: CompileConfig) -> Path:
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_dir
+
+
+def _compile_gguf(cfg: CompileConfig, gguf_path: Path, out_dir: Path) -> Path:
+    """A GGUF file is dequantized into a temporary HF folder (tensor by tensor, sharded), which
+    then compiles like any other; the artifact is the same as from an HF folder."""
+    from xllm_compile.gguf import gguf_to_hf_folder
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out_dir.parent) as tmp:
+        hf_dir = gguf_to_hf_folder(
+            gguf_path, Path(tmp) / "hf", dtype=cfg.torch_dtype, show_progress=cfg.show_progress
+        )
+        return compile_model(dataclasses.replace(cfg, model_path=str(hf_dir)))
 
 
 def _check_out_dir(out_dir: Path) -> None:

@@ -65,3 +65,22 @@ def test_stream_yields_the_same_text(tiny_artifact):
 def test_generation_config_eos_ids_stop_generation(tiny_artifact):
     # config.json says eos 0; generation_config.json adds <|im_end|> (2)
     assert load(tiny_artifact).eos_token_ids == {0, 2}
+
+
+def test_chat_loop_streams_answers_and_keeps_history(tiny_artifact):
+    from xllm_compile.chat import chat_loop
+
+    engine = load(tiny_artifact)
+    turns, written = iter(["Hello there", "", "And then?"]), []
+
+    def read(_prompt):
+        try:
+            return next(turns)
+        except StopIteration:
+            raise EOFError from None
+
+    served = chat_loop(engine, read=read, write=written.append, max_tokens=8)
+    assert served == 2  # the empty line is skipped, EOF ends the chat
+    first = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Hello there"}])
+    [expected] = engine.generate([first], max_tokens=8)
+    assert "".join(written).startswith(expected.text)

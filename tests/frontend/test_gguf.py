@@ -208,3 +208,30 @@ def test_unsupported_quant_type(tmp_path):
     with pytest.raises(UnsupportedModelError) as excinfo:
         gguf_to_hf_folder(path, tmp_path / "out", show_progress=False)
     _one_line(excinfo, "Q8_1", "token_embd.weight")
+
+
+def test_cli_compiles_a_gguf_file_directly(gguf_models, tmp_path):
+    """`xllm-compile FILE.gguf --out ART` gives the same artifact weights as the HF-folder path."""
+    _, path, _, art, _ = gguf_models("q8_0")
+    direct = compile_cli(path, tmp_path / "direct")
+    a, b = load_file(art / "weights.safetensors"), load_file(direct / "weights.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert not list(tmp_path.glob(".gguf-*"))  # the temporary HF folder is gone
+
+
+def test_cli_bad_gguf_is_one_line_exit_2(gguf_models, tmp_path):
+    import subprocess
+    import sys
+
+    _, path, _, _, _ = gguf_models("f16")
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    proc = subprocess.run(
+        [sys.executable, "-m", "xllm_compile", "compile", str(bad), "--out", str(tmp_path / "a")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "%|" not in line]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(lines) == 1 and "cut.gguf" in lines[0], proc.stderr
