@@ -68,7 +68,7 @@ def test_cli_list_passes_and_bad_name(capsys, tmp_path):
 
 
 def test_inspect_shows_the_pass_table(llama_artifact):
-    from xllm_compile.tools.inspect import inspect_artifact
+    from xllm_compile.tools.inspect_artifact import inspect_artifact
 
     text = inspect_artifact(str(llama_artifact))
     table = text[text.index("passes") :]
