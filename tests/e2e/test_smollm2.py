@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from xllm_compile.errors import XllmError
-from xllm_compile.gguf import gguf_to_hf_folder
 from xllm_compile.pull import pull
 from xllm_compile.runtime import load
 
@@ -28,8 +27,9 @@ def smollm2(tmp_path_factory):
     except XllmError as e:
         pytest.skip(f"SmolLM2 is not cached and cannot be downloaded: {e}")
     root = tmp_path_factory.mktemp("smollm2")
-    hf_dir = gguf_to_hf_folder(path, root / "hf", show_progress=False)
-    engine = load(compile_cli(hf_dir, root / "art"))
+    art = compile_cli(path, root / "art")  # the .gguf straight through the CLI
+    engine = load(art)
+    engine.artifact_path = art  # for the CLI test below
     ref = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
     )
@@ -81,3 +81,12 @@ def test_chat_answers_paris(smollm2):
     assert prompt.endswith("<|im_start|>assistant\n")  # the GGUF's own template
     [result] = engine.generate([prompt], max_tokens=16)
     assert "Paris" in result.text, result.text
+
+
+def test_generate_chat_cli_answers_paris(smollm2, capsys):
+    from xllm_compile.cli import main
+
+    _, engine, _ = smollm2
+    args = ["generate", str(engine.artifact_path), "--chat", "What is the capital of France?"]
+    assert main([*args, "--max-tokens", "16"]) == 0
+    assert "Paris" in capsys.readouterr().out

@@ -142,29 +142,45 @@ def _model_dir(args, tmp: Path) -> Path:
     return Path(args.model) if args.model else make_preset(args.preset, tmp / "m")
 
 
+LLAMA_CPP_RUN = """
+import json, statistics, sys, time
+from llama_cpp import Llama
+gguf, prompt_len, steps, threads = sys.argv[1], *map(int, sys.argv[2:])
+llm = Llama(model_path=gguf, n_ctx=prompt_len + steps + 8, n_threads=threads, verbose=False)
+start = time.perf_counter()
+llm.eval(list(range(100, 100 + prompt_len)))
+prefill = time.perf_counter() - start
+times = []
+for _ in range(steps):
+    start = time.perf_counter()
+    llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+    times.append(time.perf_counter() - start)
+print(json.dumps([prompt_len / prefill, 1000 * statistics.median(times)]))
+"""
+
+
 def bench_llama_cpp(gguf: str, batch: int, prompt_len: int, steps: int) -> list:
-    """llama.cpp on the same GGUF (batch 1 only: one sequence per context), if installed."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        print("      (llama-cpp-python not installed: no llama.cpp row)")
-        return []
+    """llama.cpp on the same GGUF (batch 1: one sequence per context), when llama-cpp-python is
+    installed; in a child process, so a crash of the native library cannot end the benchmark."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
     if batch != 1:
         return []
-    llm = Llama(
-        model_path=gguf,
-        n_ctx=prompt_len + steps + 8,
-        n_threads=torch.get_num_threads(),
-        verbose=False,
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("      (llama-cpp-python not installed: no llama.cpp row)")
+        return []
+    args = [gguf, str(prompt_len), str(steps), str(torch.get_num_threads())]
+    proc = subprocess.run(
+        [sys.executable, "-c", LLAMA_CPP_RUN, *args], capture_output=True, text=True, timeout=900
     )
-    tokens = list(range(100, 100 + prompt_len))
-    t_prefill = _timed(lambda: llm.eval(tokens))
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
-        times.append(time.perf_counter() - start)
-    return [("llama.cpp", (prompt_len / t_prefill, 1000 * statistics.median(times)))]
+    if proc.returncode != 0:
+        print(f"      (llama.cpp failed with exit status {proc.returncode}: no llama.cpp row)")
+        return []
+    tok_s, ms = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [("llama.cpp", (tok_s, ms))]
 
 
 def main(argv: list[str] | None = None) -> None:
