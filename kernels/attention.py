@@ -72,13 +72,14 @@ def _sdpa(q, k, v, mask, scale):
     return o.transpose(0, 1)
 
 
-def _decode(q, cache, positions, seq_slots, seq_lens, scale, window):
-    # One query per sequence: gather each sequence's KV up to the longest one. Rows past a
-    # sequence's own length re-read its last valid row (then masked), so the op never touches
-    # cache memory a sequence does not own: with page-mapped KV that memory may be unmapped.
-    max_len = int(seq_lens.max())
-    k_pos = torch.arange(max_len, device=q.device)
-    rows = torch.minimum(k_pos[None, :], seq_lens[:, None] - 1)  # [B, Lk]
+def _decode(q, cache, positions, seq_slots, seq_lens, scale, window, bound=None):
+    """One query per sequence: gather each sequence's KV up to `bound` rows (default: the
+    longest sequence, a host sync; the CUDA binding passes a static bound instead). Rows past a
+    sequence's own length re-read its last valid row (then masked), so the op never touches
+    cache memory a sequence does not own: with page-mapped KV that memory may be unmapped."""
+    bound = int(seq_lens.max()) if bound is None else bound
+    k_pos = torch.arange(bound, device=q.device)
+    rows = torch.minimum(k_pos[None, :], (seq_lens[:, None] - 1).clamp(min=0))  # [B, Lk]
     k = cache[0][seq_slots[:, None], rows]  # [B, Lk, Hkv, D]
     v = cache[1][seq_slots[:, None], rows]
     mask = (k_pos[None, :] < seq_lens[:, None]) & _mask(positions[:, None], k_pos, window)

@@ -9,28 +9,12 @@ bound tracks the longest sequence to within the bucket. Prefill keeps the refere
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
-from xllm_compile.kernels.attention import _mask, attention, prefill_reference
+from xllm_compile.kernels.attention import _decode, attention, prefill_reference
 
 
 def _decode_static(q, cache, positions, seq_slots, seq_lens, scale, window):
-    bound = cache.shape[2]  # cache here is kv_cache[layer]: [2, S, M, Hkv, D]
-    k_pos = torch.arange(bound, device=q.device)
-    rows = torch.minimum(k_pos[None, :], (seq_lens[:, None] - 1).clamp(min=0))  # [B, M]
-    k = cache[0][seq_slots[:, None], rows]  # [B, M, Hkv, D]
-    v = cache[1][seq_slots[:, None], rows]
-    mask = (k_pos[None, :] < seq_lens[:, None]) & _mask(positions[:, None], k_pos, window)
-    o = F.scaled_dot_product_attention(
-        q.unsqueeze(2),  # [B, H, 1, D]
-        k.transpose(1, 2),  # [B, Hkv, M, D]
-        v.transpose(1, 2),
-        attn_mask=mask[:, None, None, :],
-        scale=scale,
-        enable_gqa=q.shape[1] != k.shape[2],
-    )
-    return o.squeeze(2)  # [B, H, D]
+    # cache here is kv_cache[layer]: [2, S, M, Hkv, D]; M is the static bound
+    return _decode(q, cache, positions, seq_slots, seq_lens, scale, window, bound=cache.shape[2])
 
 
 @attention.register_kernel("cuda")
