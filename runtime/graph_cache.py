@@ -26,30 +26,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from xllm_compile.buckets import bucket_for, decode_batch_buckets, fit, kv_len_buckets
 from xllm_compile.runtime.kv_cache import KVCache
 
-
-def decode_batch_buckets(max_num_seqs: int) -> tuple[int, ...]:
-    """1, 2, 4, 8, then steps of 8 up to 32 and of 16 after, always ending at max_num_seqs."""
-    sizes = [1, 2, 4, 8, *range(16, 33, 8), *range(48, max_num_seqs + 1, 16)]
-    return tuple(sorted({s for s in sizes if s < max_num_seqs} | {max_num_seqs}))
-
-
-def kv_len_buckets(max_len: int, smallest: int = 64) -> tuple[int, ...]:
-    """Powers of two from `smallest`, ending at max_len."""
-    sizes, n = set(), smallest
-    while n < max_len:
-        sizes.add(n)
-        n *= 2
-    return tuple(sorted(sizes | {max_len}))
-
-
-def bucket_for(n: int, buckets: tuple[int, ...]) -> int | None:
-    """The smallest bucket >= n, or None when n is larger than every bucket."""
-    for size in buckets:
-        if size >= n:
-            return size
-    return None
+__all__ = [
+    "GraphCache",
+    "GraphCacheStats",
+    "attach_graph_cache",
+    "bucket_for",
+    "decode_batch_buckets",
+    "kv_len_buckets",
+]
 
 
 BACKENDS = ("cuda_graph", "eager", "inductor")
@@ -93,6 +80,7 @@ class GraphCache:
         device: str | torch.device,
         backend: str | None = None,
         max_entries: int = 64,
+        buckets: dict | None = None,
     ) -> None:
         """`backend`: "cuda_graph" (the default on CUDA), "eager" (the default on CPU) or
         "inductor"; `max_entries`: executables kept, the least recently used evicted first."""
@@ -103,8 +91,13 @@ class GraphCache:
             raise ValueError(f"graph cache backend {self.backend!r}; choose from {BACKENDS}")
         self.use_cuda_graphs = self.backend == "cuda_graph"
         self._compiled = None
-        self.batch_buckets = decode_batch_buckets(max_num_seqs)
-        self.kv_buckets = kv_len_buckets(kv_cache.max_len)
+        buckets = buckets or {}  # the manifest's (compile-time) choice, else the defaults
+        self.batch_buckets = fit(
+            buckets.get("decode_batch", decode_batch_buckets(max_num_seqs)), max_num_seqs
+        )
+        self.kv_buckets = fit(
+            buckets.get("kv_len", kv_len_buckets(kv_cache.max_len)), kv_cache.max_len
+        )
         self.max_entries = max_entries
         self.pad_slot = kv_cache.allocate(1)  # scratch slot for padding rows, held for good
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()

@@ -86,7 +86,13 @@ def load(
         from xllm_compile.runtime.graph_cache import attach_graph_cache
 
         backend = None if graph_cache is True else graph_cache
-        attach_graph_cache(engine, warmup=warmup, max_num_seqs=num_seqs, backend=backend)
+        attach_graph_cache(
+            engine,
+            warmup=warmup,
+            max_num_seqs=num_seqs,
+            backend=backend,
+            buckets=m.get("buckets"),
+        )
     return engine
 
 

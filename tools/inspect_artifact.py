@@ -44,6 +44,8 @@ def inspect_artifact(path: str, as_json: bool = False) -> str:
         ("dtype / device", f"{m['dtype']} / {m['device']}"),
     ]
     model_rows += [(k, str(v)) for k, v in m["limits"].items()]
+    for name, sizes in (m.get("buckets") or {}).items():
+        model_rows.append((f"buckets {name}", ",".join(map(str, sizes))))
     model_rows.append(("tokenizer", "yes" if m.get("tokenizer") else "no"))
     model_rows += [(k, v) for k, v in m["versions"].items()]
     model_rows += [("format", str(m["format_version"])), ("created", m.get("created", "?"))]

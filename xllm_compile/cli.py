@@ -45,6 +45,11 @@ def _add_compile_args(p: argparse.ArgumentParser) -> None:
         dest="max_num_seqs",
         help="most sequences in one step",
     )
+    p.add_argument(
+        "--buckets",
+        default=None,
+        help='graph-cache shape buckets, e.g. "decode=1,2,4,8;kv=64,256" (default: powers of two)',
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_pass_args(p)
 
@@ -119,6 +124,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         max_num_tokens=args.max_num_tokens,
         max_num_seqs=args.max_num_seqs,
+        buckets=args.buckets,
         show_progress=not args.quiet,
         passes=parse_pass_list(args.passes),
         disable_passes=tuple(args.disable_passes),

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from xllm_compile import artifact
 from xllm_compile.backend import check_device
+from xllm_compile.buckets import parse_buckets
 from xllm_compile.config import CompileConfig, ModelConfig
 from xllm_compile.errors import ConfigError
 from xllm_compile.hf import load_hf_config, stream_weights
@@ -53,6 +54,7 @@ def compile_model(cfg: CompileConfig) -> Path:
     hf_config = load_hf_config(model_dir)
     config = model_config_from_hf(hf_config)
     max_len = resolve_max_len(config, cfg.max_model_len)
+    parse_buckets(cfg.buckets, cfg.max_num_seqs, max_len)  # a bad --buckets fails before work
     with progress(total=2, desc="tracing", unit="step", show=cfg.show_progress) as bar:
         ep = export_model(config, cfg.torch_dtype, max_len, cfg.max_num_tokens, cfg.max_num_seqs)
         bar.update(2)
@@ -147,5 +149,6 @@ def _write(tmp_dir, model_dir, ep, weights, config, hf_config, cfg, max_len, pas
             if "tokenizer.json" in tokenizer_files
             else None,
             "passes": pass_log,
+            "buckets": parse_buckets(cfg.buckets, cfg.max_num_seqs, max_len),
         },
     )

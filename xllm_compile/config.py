@@ -210,6 +210,7 @@ class CompileConfig:
     max_model_len: int | None = None  # None: min(max_position_embeddings, 4096)
     max_num_tokens: int = 4096  # tokens in one step (prefill budget)
     max_num_seqs: int = 64  # sequences in one step
+    buckets: str | None = None  # graph-cache buckets, "decode=1,2,4;kv=64,128"; None: defaults
     show_progress: bool = True
     passes: tuple[str, ...] | None = None  # None: the whole pipeline; (): no passes
     disable_passes: tuple[str, ...] = ()

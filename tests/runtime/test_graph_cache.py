@@ -3,7 +3,9 @@ after warm-up over 1,000 random steps, LRU eviction."""
 
 from __future__ import annotations
 
+import json
 import random
+import re
 
 import torch
 
@@ -131,3 +133,28 @@ def test_load_with_graph_cache_keeps_every_slot_for_sequences(llama_artifact):
     plain = load(llama_artifact).generate(prompts, max_tokens=5, ignore_eos=True)
     assert [r.token_ids for r in out] == [r.token_ids for r in plain]
     assert cache.stats.misses == cache.stats.builds  # every step after warm-up was a hit
+
+
+def test_compile_time_buckets_reach_the_runtime(family_models, tmp_path, capsys):
+    from xllm_compile.cli import main
+
+    from conftest import compile_cli
+
+    _, model_dir, _ = family_models("llama3")
+    art = compile_cli(
+        model_dir,
+        tmp_path / "art",
+        "--max-model-len",
+        "100",
+        "--max-num-seqs",
+        "6",
+        "--buckets",
+        "decode=1,3;kv=32",
+    )
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["buckets"] == {"decode_batch": [1, 3, 6], "kv_len": [32, 100]}
+    cache = load(art, graph_cache=True).executor.graph_cache
+    assert cache.batch_buckets == (1, 3, 6) and cache.kv_buckets == (32, 100)
+    assert main(["inspect", str(art)]) == 0
+    assert re.search(r"buckets decode_batch\s+1,3,6\n", capsys.readouterr().out)
+    assert main(["compile", str(model_dir), "--out", str(tmp_path / "b"), "--buckets", "x=1"]) == 2

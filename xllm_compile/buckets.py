@@ -1,0 +1,55 @@
+"""Shape buckets for the runtime's graph cache, chosen at compile time and stored in the manifest:
+decode batch sizes and KV-length bounds. Pure functions, shared by the compiler and the runtime."""
+
+from __future__ import annotations
+
+from xllm_compile.errors import ConfigError
+
+
+def decode_batch_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """1, 2, 4, 8, then steps of 8 up to 32 and of 16 after, always ending at max_num_seqs."""
+    sizes = [1, 2, 4, 8, *range(16, 33, 8), *range(48, max_num_seqs + 1, 16)]
+    return tuple(sorted({s for s in sizes if s < max_num_seqs} | {max_num_seqs}))
+
+
+def kv_len_buckets(max_len: int, smallest: int = 64) -> tuple[int, ...]:
+    """Powers of two from `smallest`, ending at max_len."""
+    sizes, n = set(), smallest
+    while n < max_len:
+        sizes.add(n)
+        n *= 2
+    return tuple(sorted(sizes | {max_len}))
+
+
+def bucket_for(n: int, buckets: tuple[int, ...]) -> int | None:
+    """The smallest bucket >= n, or None when n is larger than every bucket."""
+    for size in buckets:
+        if size >= n:
+            return size
+    return None
+
+
+def fit(buckets, limit: int) -> tuple[int, ...]:
+    """The buckets up to `limit`, plus `limit` itself so that every size up to it has a bucket."""
+    return tuple(sorted({b for b in buckets if b < limit} | {limit}))
+
+
+def parse_buckets(spec: str | None, max_num_seqs: int, max_len: int) -> dict[str, list[int]]:
+    """`--buckets "decode=1,2,4,8;kv=64,256"` (either part optional) -> the manifest's buckets;
+    missing parts take the defaults; every list is completed up to its limit."""
+    chosen = {"decode": decode_batch_buckets(max_num_seqs), "kv": kv_len_buckets(max_len)}
+    for part in filter(None, (spec or "").replace(" ", "").split(";")):
+        name, _, values = part.partition("=")
+        if name not in chosen or not values:
+            raise ConfigError(f"--buckets {spec!r}: expected 'decode=1,2,4;kv=64,128'")
+        try:
+            sizes = [int(v) for v in values.split(",") if v]
+        except ValueError:
+            raise ConfigError(f"--buckets {spec!r}: sizes must be integers") from None
+        if any(s < 1 for s in sizes):
+            raise ConfigError(f"--buckets {spec!r}: sizes must be positive")
+        chosen[name] = sizes
+    return {
+        "decode_batch": list(fit(chosen["decode"], max_num_seqs)),
+        "kv_len": list(fit(chosen["kv"], max_len)),
+    }
