@@ -72,11 +72,26 @@ def _sdpa(q, k, v, mask, scale):
     return o.transpose(0, 1)
 
 
+def _decode_one(q, cache, slot, kv_len, scale, window):
+    # One sequence (batch-1 latency): its KV prefix is a slice, so no gather and, without a
+    # window cutting it, no mask. Contiguous 4-D operands keep SDPA off its slow math path
+    # (measured: 260 -> ~60 us per call for SmolLM2's bf16 shapes, dominated by the op wrapper).
+    start = max(0, kv_len - window) if window > 0 else 0  # the query sits at position kv_len-1
+    k = cache[0, slot, start:kv_len].transpose(0, 1).unsqueeze(0).contiguous()  # [1, Hkv, L, D]
+    v = cache[1, slot, start:kv_len].transpose(0, 1).unsqueeze(0).contiguous()
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )  # q [1, H, 1, D]
+    return o.squeeze(2)  # [1, H, D]
+
+
 def _decode(q, cache, positions, seq_slots, seq_lens, scale, window, bound=None):
     """One query per sequence: gather each sequence's KV up to `bound` rows (default: the
     longest sequence, a host sync; the CUDA binding passes a static bound instead). Rows past a
     sequence's own length re-read its last valid row (then masked), so the op never touches
     cache memory a sequence does not own: with page-mapped KV that memory may be unmapped."""
+    if bound is None and q.shape[0] == 1:
+        return _decode_one(q, cache, int(seq_slots[0]), int(seq_lens[0]), scale, window)
     bound = int(seq_lens.max()) if bound is None else bound
     k_pos = torch.arange(bound, device=q.device)
     rows = torch.minimum(k_pos[None, :], (seq_lens[:, None] - 1).clamp(min=0))  # [B, Lk]
