@@ -92,6 +92,44 @@ def _list_passes() -> str:
     return "\n".join(f"{p.name.ljust(width)}  v{p.VERSION}  {p.description}" for p in PIPELINE)
 
 
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, choices=list(DEVICES))
+    p.add_argument(
+        "--kv-cache",
+        default=None,
+        choices=["paged", "contiguous"],
+        dest="kv_cache",
+        help="KV cache kind (default: paged on cpu, contiguous elsewhere)",
+    )
+    p.add_argument(
+        "--kv-memory",
+        type=float,
+        default=0.5,
+        dest="kv_memory",
+        help="paged KV budget: bytes, or a fraction of free memory (default 0.5)",
+    )
+    p.add_argument(
+        "--graph-cache",
+        default=None,
+        dest="graph_cache",
+        choices=["eager", "inductor", "cuda_graph"],
+        help="run decode steps through the multi-graph cache with this backend",
+    )
+
+
+def _load(args: argparse.Namespace):
+    from xllm_compile.runtime import load
+
+    memory = int(args.kv_memory) if args.kv_memory > 1 else args.kv_memory
+    return load(
+        args.artifact,
+        device=args.device,
+        kv_cache=args.kv_cache,
+        kv_memory=memory,
+        graph_cache=args.graph_cache or False,
+    )
+
+
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", help="artifact folder written by xllm-compile")
     src = p.add_mutually_exclusive_group(required=True)
@@ -103,7 +141,7 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, dest="top_p")
     p.add_argument("--top-k", type=int, default=0, dest="top_k")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, choices=list(DEVICES))
+    _add_runtime_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -144,9 +182,8 @@ def _parse_token_ids(text: str) -> list[int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from xllm_compile.runtime import load
 
-    engine = load(args.artifact, device=args.device)
+    engine = _load(args)
     if args.token_ids is not None:
         prompts = [_parse_token_ids(args.token_ids)]
     elif args.chat is not None:
@@ -199,9 +236,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from xllm_compile.chat import chat_loop
-    from xllm_compile.runtime import load
 
-    engine = load(args.artifact, device=args.device)
+    engine = _load(args)
     chat_loop(
         engine,
         system=args.system,
@@ -229,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0, dest="top_p")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, choices=list(DEVICES))
+    _add_runtime_args(p)
     p.set_defaults(func=cmd_chat)
     p = sub.add_parser("pull", help="download a known model (GGUF) into the cache")
     p.add_argument("name", choices=sorted(_pull_names()))

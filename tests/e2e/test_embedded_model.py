@@ -84,3 +84,15 @@ def test_chat_loop_streams_answers_and_keeps_history(tiny_artifact):
     first = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Hello there"}])
     [expected] = engine.generate([first], max_tokens=8)
     assert "".join(written).startswith(expected.text)
+
+
+def test_cli_runtime_flags_give_the_same_text(tiny_artifact, capsys):
+    from xllm_compile.cli import main
+
+    base = ["generate", str(tiny_artifact), "--prompt", PROMPT, "--max-tokens", "10"]
+    assert main(base) == 0
+    default = capsys.readouterr().out
+    assert main([*base, "--kv-cache", "contiguous", "--graph-cache", "eager"]) == 0
+    assert capsys.readouterr().out == default
+    assert main([*base, "--kv-memory", str(64 << 20)]) == 0  # a byte budget
+    assert capsys.readouterr().out == default
