@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from xllm_compile.kernels.cpu import dispatch_or_fallback
+
 
 @torch.library.custom_op("xllm::attention", mutates_args=())
 def attention(
@@ -107,6 +109,24 @@ def _decode(q, cache, positions, seq_slots, seq_lens, scale, window, bound=None)
         enable_gqa=q.shape[1] != k.shape[2],
     )
     return o.squeeze(2)  # [B, H, D]
+
+
+@attention.register_kernel("cpu")
+def _(q, kv_cache, layer, positions, seq_slots, query_lens, seq_lens, scale, sliding_window):
+    # C++ (kernels/cpu) when it builds: no Python between the ATen calls of each step
+    args = (q, kv_cache, layer, positions, seq_slots, query_lens, seq_lens, scale, sliding_window)
+    return dispatch_or_fallback("attention", attention_reference, *args)
+
+
+def attention_reference(
+    q, kv_cache, layer, positions, seq_slots, query_lens, seq_lens, scale, sliding_window
+):
+    """The Python reference body (what `xllm::attention` runs without a compiled kernel)."""
+    if q.shape[0] == seq_slots.shape[0]:
+        return _decode(q, kv_cache[layer], positions, seq_slots, seq_lens, scale, sliding_window)
+    return prefill_reference(
+        q, kv_cache, layer, positions, seq_slots, query_lens, seq_lens, scale, sliding_window
+    )
 
 
 @attention.register_fake

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from xllm_compile.kernels.cpu import dispatch_or_fallback
+
 
 @torch.library.custom_op("xllm::store_kv", mutates_args=("kv_cache",))
 def store_kv(
@@ -26,6 +28,19 @@ def store_kv(
     """Reference implementation (also the CPU path): one indexed write per tensor."""
     kv_cache[layer, 0, token_slots, positions] = k.to(kv_cache.dtype)
     kv_cache[layer, 1, token_slots, positions] = v.to(kv_cache.dtype)
+
+
+def store_kv_reference(kv_cache, layer, k, v, token_slots, positions) -> None:
+    kv_cache[layer, 0, token_slots, positions] = k.to(kv_cache.dtype)
+    kv_cache[layer, 1, token_slots, positions] = v.to(kv_cache.dtype)
+
+
+@store_kv.register_kernel("cpu")
+def _(kv_cache, layer, k, v, token_slots, positions) -> None:
+    # C++ (kernels/cpu) when it builds: saves the Python op wrapper (~37 us per call, x layers)
+    dispatch_or_fallback(
+        "store_kv", store_kv_reference, kv_cache, layer, k, v, token_slots, positions
+    )
 
 
 @store_kv.register_fake

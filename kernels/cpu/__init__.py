@@ -18,7 +18,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("xllm_cpu.cpp")
-OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding")
+OPS = (
+    "rms_norm",
+    "fused_add_rms_norm",
+    "silu_and_mul",
+    "rotary_embedding",
+    "store_kv",
+    "attention",
+)
 
 
 @functools.cache

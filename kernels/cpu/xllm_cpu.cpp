@@ -160,9 +160,75 @@ std::tuple<at::Tensor, at::Tensor> rotary_embedding(const at::Tensor& q, const a
   return {rotate(q, cos, sin), rotate(k, cos, sin)};
 }
 
+// xllm::store_kv: this step's K/V into the cache at (slot, position), in place.
+void store_kv(at::Tensor kv_cache, int64_t layer, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& token_slots, const at::Tensor& positions) {
+  auto cache = kv_cache.select(0, layer);  // [2, S, M, Hkv, D]
+  if (k.size(0) <= 16 && token_slots.scalar_type() == at::kLong &&
+      positions.scalar_type() == at::kLong && token_slots.is_contiguous() &&
+      positions.is_contiguous()) {
+    // decode-sized steps: a row copy per token beats index_put_ on the strided (token-major,
+    // page-mapped) cache view
+    const int64_t* slot = token_slots.data_ptr<int64_t>();
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    for (int64_t t = 0; t < k.size(0); ++t) {
+      cache.select(0, 0).select(0, slot[t]).select(0, pos[t]).copy_(k.select(0, t));
+      cache.select(0, 1).select(0, slot[t]).select(0, pos[t]).copy_(v.select(0, t));
+    }
+    return;
+  }
+  c10::List<std::optional<at::Tensor>> index;
+  index.push_back(token_slots);
+  index.push_back(positions);
+  cache.select(0, 0).index_put_(index, k.to(kv_cache.scalar_type()));
+  cache.select(0, 1).index_put_(index, v.to(kv_cache.scalar_type()));
+}
+
+// xllm::attention: one SDPA per sequence over its own KV prefix, a slice of its slot (no gather,
+// so pages it does not own are never read). A decode row needs no mask: its window, if any, is
+// the slice's start. Same math as kernels/attention.py, without Python between the ATen calls.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& kv_cache, int64_t layer,
+                     const at::Tensor& positions, const at::Tensor& seq_slots,
+                     const at::Tensor& query_lens, const at::Tensor& seq_lens, double scale,
+                     int64_t window) {
+  auto cache = kv_cache.select(0, layer);  // [2, S, M, Hkv, D]
+  auto slots = seq_slots.to(at::kLong).contiguous();
+  auto qlens = query_lens.to(at::kLong).contiguous();
+  auto slens = seq_lens.to(at::kLong).contiguous();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* qlen = qlens.data_ptr<int64_t>();
+  const int64_t* slen = slens.data_ptr<int64_t>();
+  const bool gqa = q.size(1) != cache.size(3);
+  auto out = at::empty_like(q);
+  int64_t start = 0;
+  for (int64_t b = 0; b < slots.size(0); ++b) {
+    const int64_t n = qlen[b], len = slen[b];
+    const int64_t lo = (n == 1 && window > 0) ? std::max<int64_t>(0, len - window) : 0;
+    auto k = cache.select(0, 0).select(0, slot[b]).slice(0, lo, len).transpose(0, 1);
+    auto v = cache.select(0, 1).select(0, slot[b]).slice(0, lo, len).transpose(0, 1);
+    auto qb = q.slice(0, start, start + n).transpose(0, 1).unsqueeze(0);  // [1, H, n, D]
+    std::optional<at::Tensor> mask;
+    if (n > 1) {  // prefill: causal (and windowed) by position
+      auto k_pos = at::arange(lo, len, positions.options());
+      auto q_pos = positions.slice(0, start, start + n).unsqueeze(1);
+      auto m = k_pos.unsqueeze(0) <= q_pos;
+      if (window > 0) m = m & (k_pos.unsqueeze(0) > q_pos - window);
+      mask = m;
+    }
+    auto o = at::scaled_dot_product_attention(qb, k.unsqueeze(0).contiguous(),
+                                              v.unsqueeze(0).contiguous(), mask, 0.0, false,
+                                              scale, gqa);  // [1, H, n, D]
+    out.slice(0, start, start + n).copy_(o.squeeze(0).transpose(0, 1));
+    start += n;
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(xllm, CPU, m) {
+  m.impl("store_kv", &store_kv);
+  m.impl("attention", &attention);
   m.impl("rms_norm", &rms_norm);
   m.impl("fused_add_rms_norm", &fused_add_rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
