@@ -92,6 +92,21 @@ def bench_hf(model_dir: Path, dtype, batch, prompt_len, steps, device) -> tuple[
     return batch * prompt_len / t_prefill, 1000 * statistics.median(times)
 
 
+def time_decode(engine, seqs: list[Sequence], logits: torch.Tensor, steps: int) -> list[float]:
+    """Seconds of each of `steps` greedy decode steps of `seqs`, after the step that gave
+    `logits` (shared by the benchmarks in this folder)."""
+    times = []
+    for _ in range(steps):
+        for seq, token in zip(seqs, logits.argmax(-1).tolist(), strict=True):
+            seq.output_ids.append(token)
+        _sync()
+        start = time.perf_counter()
+        logits = engine.executor.run(seqs, engine.kv_cache.tensor)
+        _sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 @torch.inference_mode()
 def bench_xllm(art: Path, batch, prompt_len, steps, graphs: bool) -> tuple[float, float]:
     """(prefill tokens/s, decode ms/step) of the artifact: one ragged prefill, then decode steps
@@ -116,15 +131,7 @@ def bench_xllm(art: Path, batch, prompt_len, steps, graphs: bool) -> tuple[float
         logits = engine.executor.run(seqs, engine.kv_cache.tensor)
 
     t_prefill = _timed(prefill)
-    times = []
-    for _ in range(steps):
-        for seq, token in zip(seqs, logits.argmax(-1).tolist(), strict=True):
-            seq.output_ids.append(token)
-        _sync()
-        start = time.perf_counter()
-        logits = engine.executor.run(seqs, engine.kv_cache.tensor)
-        _sync()
-        times.append(time.perf_counter() - start)
+    times = time_decode(engine, seqs, logits, steps)
     if cache is not None:
         st = cache.stats
         print(

@@ -21,12 +21,7 @@ from xllm_compile.runtime import load
 from xllm_compile.runtime.graph_cache import attach_graph_cache
 from xllm_compile.runtime.sampler import SamplingParams
 from xllm_compile.runtime.sequence import Sequence
-from xllm_compile.tools.bench.bench_decode import PRESETS, make_preset
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from xllm_compile.tools.bench.bench_decode import PRESETS, make_preset, time_decode
 
 
 @torch.inference_mode()
@@ -34,15 +29,7 @@ def decode_ms(engine, batch: int, prompt_len: int, steps: int) -> float:
     seqs = [Sequence(list(range(3, 3 + prompt_len)), SamplingParams()) for _ in range(batch)]
     for seq in seqs:
         seq.slot = engine.kv_cache.allocate(prompt_len + steps + 1)
-    logits, times = engine.executor.run(seqs, engine.kv_cache.tensor), []
-    for _ in range(steps):
-        for seq, token in zip(seqs, logits.argmax(-1).tolist(), strict=True):
-            seq.output_ids.append(token)
-        _sync()
-        start = time.perf_counter()
-        logits = engine.executor.run(seqs, engine.kv_cache.tensor)
-        _sync()
-        times.append(time.perf_counter() - start)
+    times = time_decode(engine, seqs, engine.executor.run(seqs, engine.kv_cache.tensor), steps)
     for seq in seqs:
         engine.kv_cache.free(seq.slot)
     return 1000 * statistics.median(times[2:] or times)
