@@ -54,6 +54,17 @@ def prefill_reference(
     return out
 
 
+def prefill_static(q, cache, positions, seq_slots, query_lens, scale, window):
+    """Prefill without host synchronization (capturable in a CUDA graph): every query token
+    gathers its own sequence's KV rows up to the static bound `cache.shape[2]` and masks those
+    past its position. A token of sequence b at position p sees exactly the rows [0, p] of b's
+    slot (already written by store_kv), so this equals prefill_reference. Costs memory
+    T x bound x Hkv x D per operand: meant for the graph cache's small prefill buckets, whose
+    bound is the kv-length bucket. `cache` is kv_cache[layer]: [2, S, M, Hkv, D]."""
+    slots = torch.repeat_interleave(seq_slots, query_lens, output_size=q.shape[0])  # [T]
+    return _decode(q, cache, positions, slots, positions + 1, scale, window, bound=cache.shape[2])
+
+
 def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
     mask = k_pos <= q_pos
     if window > 0:

@@ -10,7 +10,7 @@ from xllm_compile.runtime.executor import Executor
 from xllm_compile.runtime.kv_cache import KVCache
 from xllm_compile.runtime.sampler import SamplingParams, make_generator, sample
 from xllm_compile.runtime.scheduler import Scheduler
-from xllm_compile.runtime.sequence import Sequence
+from xllm_compile.runtime.sequence import Sequence, Status
 from xllm_compile.runtime.tokenizer import Tokenizer
 
 
@@ -66,8 +66,8 @@ class Engine:
         self, prompts: list[str | list[int]], max_tokens: int = 16, **sampling
     ) -> list[Completion]:
         """Generate for every prompt together (one ragged batch per step); keeps prompt order."""
-        params = SamplingParams(max_tokens=max_tokens, **sampling)
-        seqs = [Sequence(self.encode(p), params, make_generator(params)) for p in prompts]
+        # every prompt is checked before any is scheduled: a bad one leaves nothing behind
+        seqs = [self.new_sequence(p, max_tokens, **sampling) for p in prompts]
         for seq in seqs:
             self.scheduler.add(seq)
         while self.scheduler.has_work():
@@ -93,6 +93,13 @@ class Engine:
             if len(text) > len(printed) and text.startswith(printed):
                 yield text[len(printed) :]
                 printed = text
+
+    def warmup(self, show_progress: bool = False) -> None:
+        """Build every graph-cache bucket now (decode, and prefill where enabled), so that no
+        request pays for a build; a no-op without a graph cache."""
+        cache = self.executor.graph_cache
+        if cache is not None:
+            cache.warmup(self.kv_cache.tensor, show_progress=show_progress)
 
     def step(self) -> None:
         batch = self.scheduler.schedule()
@@ -120,3 +127,37 @@ class Engine:
             ids = ids[:-1]  # the eos token ends the text; it is not part of it
         text = self.tokenizer.decode(ids) if self.tokenizer else None
         return Completion(seq.prompt_ids, ids, text, seq.finish_reason or "length")
+
+    # Request-level verbs: the server's engine loop (runtime/async_engine.py) drives the engine
+    # through these, one request at a time, between steps.
+
+    def new_sequence(self, prompt: str | list[int], max_tokens: int = 16, **sampling) -> Sequence:
+        """A checked sequence for `prompt`, not yet scheduled. Reads no scheduler state, so a
+        server may call it from another thread than the one stepping the engine.
+
+        Raises:
+            RequestError: bad sampling parameters, or a prompt that is empty, too long for the
+                artifact, out of the vocabulary, or text without a tokenizer.
+        """
+        params = SamplingParams(max_tokens=max_tokens, **sampling)
+        return Sequence(self.encode(prompt), params, make_generator(params))
+
+    def add_request(self, prompt: str | list[int], max_tokens: int = 16, **sampling) -> Sequence:
+        """Queue one prompt; it joins the batch at the next `step()`. Raises as `new_sequence`."""
+        seq = self.new_sequence(prompt, max_tokens, **sampling)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop `seq` now (finish_reason "abort"), freeing its KV slot and pages; a no-op for a
+        finished sequence. Call between steps, from the thread that steps the engine."""
+        if seq.status == Status.RUNNING:
+            self.scheduler.finish(seq, "abort")
+        elif seq.status == Status.WAITING:
+            if seq in self.scheduler.waiting:
+                self.scheduler.waiting.remove(seq)
+            seq.status, seq.finish_reason = Status.FINISHED, "abort"
+
+    def completion(self, seq: Sequence) -> Completion:
+        """`seq`'s result so far: its tokens (less a final eos) and their text."""
+        return self._completion(seq)

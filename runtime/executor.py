@@ -1,6 +1,7 @@
 """Runs the artifact's program: binds its weights once, then turns a batch of sequences into the
-program's flat ragged inputs and returns logits for the last token of each sequence. Decode steps
-go through the graph cache when one is attached (one executable per shape bucket)."""
+program's flat ragged inputs and returns logits for the last token of each sequence. Steps go
+through the graph cache when one is attached (one executable per shape bucket); a step no bucket
+holds, or one asking for every token's logits, runs the program directly."""
 
 from __future__ import annotations
 
@@ -39,9 +40,8 @@ class Executor:
         """Run one step and mark the pending tokens as cached. Returns logits [N, V]."""
         rows = self.step_rows(seqs, all_logits)
         logits = None
-        is_decode = len(rows[0]) == len(seqs) and not all_logits
-        if self.graph_cache is not None and is_decode:
-            logits = self.graph_cache.run_decode(rows, kv_cache)
+        if self.graph_cache is not None and not all_logits:
+            logits = self.graph_cache.run(rows, kv_cache)
         if logits is None:
             inputs = [torch.tensor(r, dtype=torch.int64, device=self.device) for r in rows]
             (logits,) = self.graph_module(*self.params, *inputs, kv_cache)

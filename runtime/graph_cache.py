@@ -1,9 +1,13 @@
-"""Multi-graph cache for decode steps, keyed by parameterized dynamic shapes.
+"""Multi-graph cache for decode and prefill steps, keyed by parameterized dynamic shapes.
 
-A decode step of B sequences whose longest context is Lk runs as the executable of its bucket
-(Bp, Lb): Bp the smallest batch bucket >= B, Lb the smallest kv-length bucket >= Lk. Values that
-vary inside a bucket (token ids, positions, slots, lengths) are inputs copied into the entry's
-static buffers, never baked in, so one executable serves every step of its bucket:
+A step runs as the executable of its bucket:
+  - decode (one new token for each of B sequences, the longest Lk long): ("decode", Bp, Lb), Bp
+    the smallest batch bucket >= B, Lb the smallest kv-length bucket >= Lk;
+  - prefill (T tokens of B sequences): ("prefill", Tp, Bp, Lb), Tp the smallest prefill token
+    bucket that holds the T tokens plus one per padding sequence.
+Values that vary inside a bucket (token ids, positions, slots, lengths, logits rows) are inputs
+copied into the entry's static buffer, never baked in, so one executable serves every step of
+its bucket:
 
   - CUDA: a CUDA graph captured over static input/output buffers (one memory pool shared by all
     graphs, since one runs at a time), replayed after copying the step's inputs in;
@@ -12,9 +16,11 @@ static buffers, never baked in, so one executable serves every step of its bucke
     on-disk graph cache (under ~/.cache/xllm_compile/inductor) lets a second process skip the
     compile.
 
-Padding rows are dummy sequences of one token at position 0 in a scratch KV slot reserved at
-start, so they never touch a real sequence's KV and never change a real token's result. The KV
-cache is passed cut to Lb positions (a view: same memory), which bounds the CUDA attention gather.
+Padding never touches a real sequence: padding rows are dummy sequences in a scratch KV slot
+reserved at start, every token of them at position 0 (they read and write that slot's row 0
+only, so the slot needs one row of memory whatever the padding). A decode pad is a one-token
+sequence; a prefill pads with Bp - B sequences, the last one taking the remaining tokens. The KV
+cache is passed cut to Lb positions (a view: same memory), which bounds the CUDA attention.
 """
 
 from __future__ import annotations
@@ -23,10 +29,17 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
-from xllm_compile.buckets import bucket_for, decode_batch_buckets, fit, kv_len_buckets
+from xllm_compile.buckets import (
+    bucket_for,
+    decode_batch_buckets,
+    fit,
+    kv_len_buckets,
+    prefill_token_buckets,
+)
 from xllm_compile.runtime.kv_cache import KVCache
 
 __all__ = [
@@ -36,6 +49,7 @@ __all__ = [
     "bucket_for",
     "decode_batch_buckets",
     "kv_len_buckets",
+    "prefill_token_buckets",
 ]
 
 
@@ -63,7 +77,8 @@ class GraphCacheStats:
 
 @dataclass
 class _Entry:
-    inputs: torch.Tensor  # [7, Bp] int64 static buffer: the program's seven index inputs
+    buffer: torch.Tensor  # int64 static buffer holding the program's seven index inputs
+    args: list[torch.Tensor]  # its seven views, in trace.INPUT_NAMES order
     output: torch.Tensor | None = None  # [Bp, V] static logits (CUDA graphs)
     graph: torch.cuda.CUDAGraph | None = None
     fn: object = None  # the compiled program (Inductor), else None: the program itself
@@ -79,11 +94,15 @@ class GraphCache:
         max_num_seqs: int,
         device: str | torch.device,
         backend: str | None = None,
-        max_entries: int = 64,
+        max_entries: int = 256,
         buckets: dict | None = None,
+        prefill: bool | None = None,
+        max_num_tokens: int | None = None,
     ) -> None:
         """`backend`: "cuda_graph" (the default on CUDA), "eager" (the default on CPU) or
-        "inductor"; `max_entries`: executables kept, the least recently used evicted first."""
+        "inductor"; `max_entries`: executables kept, the least recently used evicted first;
+        `prefill`: route prefill steps through token buckets too (default: yes for CUDA graphs
+        and Inductor, no for eager, where padding a prefill only adds work)."""
         self.graph_module, self.params, self.kv_cache = graph_module, params, kv_cache
         self.device = torch.device(device)
         self.backend = backend or ("cuda_graph" if self.device.type == "cuda" else "eager")
@@ -98,6 +117,15 @@ class GraphCache:
         self.kv_buckets = fit(
             buckets.get("kv_len", kv_len_buckets(kv_cache.max_len)), kv_cache.max_len
         )
+        if prefill is None:
+            prefill = self.backend != "eager"
+        max_num_tokens = max_num_tokens or kv_cache.max_len
+        self.prefill_buckets: tuple[int, ...] = ()
+        if prefill:
+            sizes = buckets.get("prefill_tokens", prefill_token_buckets(max_num_tokens))
+            self.prefill_buckets = tuple(sorted(set(sizes)))
+        # a prefill batch may need one padding sequence more than the largest decode batch
+        self.prefill_batch_buckets = tuple(sorted({*self.batch_buckets, max_num_seqs + 1}))
         self.max_entries = max_entries
         self.pad_slot = kv_cache.allocate(1)  # scratch slot for padding rows, held for good
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
@@ -105,53 +133,108 @@ class GraphCache:
         self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
 
     def key_for(self, batch_size: int, max_seq_len: int) -> tuple | None:
+        """The decode bucket of a step of `batch_size` sequences, or None if none holds it."""
         bp = bucket_for(batch_size, self.batch_buckets)
         lb = bucket_for(max_seq_len, self.kv_buckets)
         return None if bp is None or lb is None else ("decode", bp, lb)
 
-    def run_decode(self, rows: list[list[int]], kv_tensor: torch.Tensor) -> torch.Tensor | None:
-        """Run a decode step given its seven unpadded index rows (ids, positions, token_slots,
-        seq_slots, query_lens, seq_lens, logits_indices); logits [B, V], or None if no bucket."""
-        batch = len(rows[0])
-        key = self.key_for(batch, max(rows[5]))
+    def prefill_key_for(self, num_tokens: int, batch_size: int, max_seq_len: int) -> tuple | None:
+        """The prefill bucket ("prefill", Tp, Bp, Lb) of a step, or None if none holds it. Every
+        padding sequence holds at least one token, and some padding sequence must exist to take
+        the padding tokens: Tp >= T + (Bp - B), and Bp > B whenever Tp > T."""
+        if not self.prefill_buckets:
+            return None
+        lb = bucket_for(max_seq_len, self.kv_buckets)
+        bp = bucket_for(batch_size, self.prefill_batch_buckets)
+        if lb is None or bp is None:
+            return None
+        tp = bucket_for(num_tokens + bp - batch_size, self.prefill_buckets)
+        if tp is not None and tp > num_tokens and bp == batch_size:
+            bp = bucket_for(batch_size + 1, self.prefill_batch_buckets)
+            if bp is None:
+                return None
+            tp = bucket_for(num_tokens + bp - batch_size, self.prefill_buckets)
+        return None if tp is None else ("prefill", tp, bp, lb)
+
+    def run(self, rows: list[list[int]], kv_tensor: torch.Tensor) -> torch.Tensor | None:
+        """Run a step given its seven unpadded index rows (ids, positions, token_slots,
+        seq_slots, query_lens, seq_lens, logits_indices with one row per sequence); returns
+        logits [B, V], or None if no bucket holds the step (the caller runs it unbucketed)."""
+        num_tokens, batch = len(rows[0]), len(rows[3])
+        if num_tokens == batch:
+            key = self.key_for(batch, max(rows[5]))
+        else:
+            key = self.prefill_key_for(num_tokens, batch, max(rows[5]))
         if key is None:
             return None
         entry = self._entry(key, kv_tensor)
-        padded = self._pad(rows, key[1])
-        entry.inputs.copy_(padded, non_blocking=True)
+        entry.buffer.copy_(self._pad(rows, key), non_blocking=True)
         entry.uses += 1
         if entry.graph is not None:
             entry.graph.replay()
             return entry.output[:batch]
-        return self._call(entry.inputs, kv_tensor[:, :, :, : key[2]], entry.fn)[:batch]
+        return self._call(entry.args, kv_tensor[:, :, :, : key[-1]], entry.fn)[:batch]
 
-    def warmup(self, kv_tensor: torch.Tensor, show_progress: bool = False) -> None:
-        """Build every (batch, kv-length) bucket now, largest first (as capture wants)."""
-        from xllm_compile.progress import progress
+    run_decode = run  # the name this had when only decode steps were bucketed
 
+    def keys(self) -> list[tuple]:
+        """Every bucket a step can fall in, largest first (as CUDA-graph capture wants). Prefill
+        buckets pair a token count only with batches up to it and kv lengths up to the kv
+        bucket of that token count (prefills here start from an empty cache)."""
         keys = [
             ("decode", b, lb)
             for b in reversed(self.batch_buckets)
             for lb in reversed(self.kv_buckets)
         ]
+        for tp in reversed(self.prefill_buckets):
+            top = bucket_for(tp, self.kv_buckets) or self.kv_buckets[-1]
+            keys += [
+                ("prefill", tp, bp, lb)
+                for bp in reversed(self.prefill_batch_buckets)
+                if bp <= tp
+                for lb in reversed(self.kv_buckets)
+                if lb <= top
+            ]
+        return keys
+
+    def warmup(self, kv_tensor: torch.Tensor, show_progress: bool = False) -> None:
+        """Build every bucket of keys() now."""
+        from xllm_compile.progress import progress
+
+        keys = self.keys()
         with progress(total=len(keys), desc="warm-up", unit="graph", show=show_progress) as bar:
             for key in keys:
                 self._entry(key, kv_tensor)
                 bar.update(1)
 
-    def _pad(self, rows: list[list[int]], bp: int) -> torch.Tensor:
-        pad = bp - len(rows[0])
-        # ids, positions, token_slots, seq_slots, query_lens, seq_lens, logits_indices
-        fill = (0, 0, self.pad_slot, self.pad_slot, 1, 1, None)
-        out = []
-        for row, value in zip(rows, fill, strict=True):
-            out.append(row + (list(range(len(row), bp)) if value is None else [value] * pad))
-        return torch.tensor(out, dtype=torch.int64)
-
-    def _call(self, inputs: torch.Tensor, kv_view: torch.Tensor, fn=None) -> torch.Tensor:
-        (logits,) = (self.graph_module if fn is None else fn)(
-            *self.params, *inputs.unbind(0), kv_view
+    def _pad(self, rows: list[list[int]], key: tuple) -> torch.Tensor:
+        """The step's rows padded to the bucket, flattened into one int64 tensor."""
+        ids, positions, token_slots, seq_slots, query_lens, seq_lens, logits_idx = rows
+        tp, bp = (key[1], key[1]) if key[0] == "decode" else (key[1], key[2])
+        pad_seqs, pad_tokens = bp - len(seq_slots), tp - len(ids)
+        pad_lens = [1] * pad_seqs
+        if pad_seqs:
+            pad_lens[-1] += pad_tokens - pad_seqs
+        ends = list(accumulate(pad_lens, initial=len(ids) - 1))[1:]
+        slot = self.pad_slot
+        flat = (
+            [*ids, *[0] * pad_tokens]
+            + [*positions, *[0] * pad_tokens]
+            + [*token_slots, *[slot] * pad_tokens]
+            + [*seq_slots, *[slot] * pad_seqs]
+            + [*query_lens, *pad_lens]
+            + [*seq_lens, *[1] * pad_seqs]
+            + [*logits_idx, *ends]
         )
+        return torch.tensor(flat, dtype=torch.int64)
+
+    @staticmethod
+    def _split(buffer: torch.Tensor, key: tuple) -> list[torch.Tensor]:
+        tp, bp = (key[1], key[1]) if key[0] == "decode" else (key[1], key[2])
+        return list(buffer.split([tp, tp, tp, bp, bp, bp, bp]))
+
+    def _call(self, args: list[torch.Tensor], kv_view: torch.Tensor, fn=None) -> torch.Tensor:
+        (logits,) = (self.graph_module if fn is None else fn)(*self.params, *args, kv_view)
         return logits
 
     def _entry(self, key: tuple, kv_tensor: torch.Tensor) -> _Entry:
@@ -172,26 +255,26 @@ class GraphCache:
         return entry
 
     def _build(self, key: tuple, kv_tensor: torch.Tensor) -> _Entry:
-        _, bp, lb = key
-        inputs = self._pad([[] for _ in range(7)], bp).to(self.device)  # all rows are padding
-        entry = _Entry(inputs=inputs)
-        kv_view = kv_tensor[:, :, :, :lb]
+        empty = [[] for _ in range(7)]
+        buffer = self._pad(empty, key).to(self.device)  # every row is padding
+        entry = _Entry(buffer=buffer, args=self._split(buffer, key))
+        kv_view = kv_tensor[:, :, :, : key[-1]]
         if self.backend == "inductor":
-            entry.fn = self._compile_bucket(inputs, kv_view)
+            entry.fn = self._compile_bucket(entry.args, kv_view)
         if not self.use_cuda_graphs:
             return entry
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(2):  # warm up kernels and allocator outside the capture
-                self._call(inputs, kv_view)
+                self._call(entry.args, kv_view)
         torch.cuda.current_stream().wait_stream(stream)
         entry.graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(entry.graph, pool=self._pool):
-            entry.output = self._call(inputs, kv_view)
+            entry.output = self._call(entry.args, kv_view)
         return entry
 
-    def _compile_bucket(self, inputs: torch.Tensor, kv_view: torch.Tensor):
+    def _compile_bucket(self, args: list[torch.Tensor], kv_view: torch.Tensor):
         """Inductor-compile the program for this bucket's static shapes (compiled on this call)."""
         import torch._dynamo
 
@@ -201,10 +284,10 @@ class GraphCache:
         hits, misses = _inductor_counters()
         # One compiled artifact per bucket: lift dynamo's per-function recompile limit (8) to the
         # number of buckets for the duration of the build.
-        limit = len(self.batch_buckets) * len(self.kv_buckets) + 8
+        limit = len(self.keys()) + 8
         with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=limit):
             with torch.inference_mode():
-                self._call(inputs, kv_view, self._compiled)
+                self._call(args, kv_view, self._compiled)
         new_hits, new_misses = _inductor_counters()
         self.stats.compile_cache_hits += new_hits - hits
         self.stats.compile_cache_misses += new_misses - misses
@@ -220,7 +303,7 @@ def _inductor_counters() -> tuple[int, int]:
 def attach_graph_cache(
     engine, warmup: bool = False, max_num_seqs: int | None = None, **kwargs
 ) -> GraphCache:
-    """Route the engine's decode steps through a new GraphCache (optionally built now).
+    """Route the engine's steps through a new GraphCache (optionally built now).
     `max_num_seqs`: the largest batch bucket (default: the engine's limit)."""
     ex = engine.executor
     cache = GraphCache(
@@ -229,7 +312,7 @@ def attach_graph_cache(
         engine.kv_cache,
         max_num_seqs or engine.scheduler.max_num_seqs,
         ex.device,
-        **kwargs,
+        **{"max_num_tokens": engine.max_num_tokens, **kwargs},
     )
     ex.graph_cache = cache
     if warmup:

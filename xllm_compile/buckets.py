@@ -1,5 +1,6 @@
 """Shape buckets for the runtime's graph cache, chosen at compile time and stored in the manifest:
-decode batch sizes and KV-length bounds. Pure functions, shared by the compiler and the runtime."""
+decode batch sizes, prefill token counts and KV-length bounds. Pure functions, shared by the
+compiler and the runtime."""
 
 from __future__ import annotations
 
@@ -21,6 +22,23 @@ def kv_len_buckets(max_len: int, smallest: int = 64) -> tuple[int, ...]:
     return tuple(sorted(sizes | {max_len}))
 
 
+# Prefill steps above this many tokens are compute-bound: launch overhead is amortized and a
+# captured graph buys nothing, while its static attention bound grows as tokens x kv length
+# (vLLM caps its CUDA-graph capture sizes at 512 tokens for the same reason).
+MAX_PREFILL_BUCKET = 512
+
+
+def prefill_token_buckets(max_num_tokens: int, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two from `smallest` up to min(max_num_tokens, MAX_PREFILL_BUCKET), plus
+    max_num_tokens itself when it is under that cap. Larger prefills run unbucketed."""
+    cap = min(max_num_tokens, MAX_PREFILL_BUCKET)
+    sizes, n = {cap}, smallest
+    while n < cap:
+        sizes.add(n)
+        n *= 2
+    return tuple(sorted(sizes))
+
+
 def bucket_for(n: int, buckets: tuple[int, ...]) -> int | None:
     """The smallest bucket >= n, or None when n is larger than every bucket."""
     for size in buckets:
@@ -34,14 +52,22 @@ def fit(buckets, limit: int) -> tuple[int, ...]:
     return tuple(sorted({b for b in buckets if b < limit} | {limit}))
 
 
-def parse_buckets(spec: str | None, max_num_seqs: int, max_len: int) -> dict[str, list[int]]:
-    """`--buckets "decode=1,2,4,8;kv=64,256"` (either part optional) -> the manifest's buckets;
-    missing parts take the defaults; every list is completed up to its limit."""
-    chosen = {"decode": decode_batch_buckets(max_num_seqs), "kv": kv_len_buckets(max_len)}
+def parse_buckets(
+    spec: str | None, max_num_seqs: int, max_len: int, max_num_tokens: int | None = None
+) -> dict[str, list[int]]:
+    """`--buckets "decode=1,2,4,8;prefill=16,64,256;kv=64,256"` (every part optional) -> the
+    manifest's buckets; missing parts take the defaults; decode and kv lists are completed up to
+    their limit, prefill sizes above max_num_tokens are dropped (`prefill=` alone: none)."""
+    max_num_tokens = max_num_tokens or max_len
+    chosen = {
+        "decode": decode_batch_buckets(max_num_seqs),
+        "prefill": prefill_token_buckets(max_num_tokens),
+        "kv": kv_len_buckets(max_len),
+    }
     for part in filter(None, (spec or "").replace(" ", "").split(";")):
         name, _, values = part.partition("=")
-        if name not in chosen or not values:
-            raise ConfigError(f"--buckets {spec!r}: expected 'decode=1,2,4;kv=64,128'")
+        if name not in chosen or (not values and name != "prefill"):
+            raise ConfigError(f"--buckets {spec!r}: expected 'decode=1,2,4;prefill=16,64;kv=64'")
         try:
             sizes = [int(v) for v in values.split(",") if v]
         except ValueError:
@@ -51,5 +77,6 @@ def parse_buckets(spec: str | None, max_num_seqs: int, max_len: int) -> dict[str
         chosen[name] = sizes
     return {
         "decode_batch": list(fit(chosen["decode"], max_num_seqs)),
+        "prefill_tokens": sorted({s for s in chosen["prefill"] if s <= max_num_tokens}),
         "kv_len": list(fit(chosen["kv"], max_len)),
     }

@@ -4,12 +4,16 @@ decode step can be captured in a CUDA graph.
 The CPU reference sizes its gather by `int(seq_lens.max())`, a device->host sync that CUDA-graph
 capture forbids. Here the bound is the cache's position extent `kv_cache.shape[3]`, a static
 shape: the graph cache passes a view of the cache cut to the step's kv-length bucket, so the
-bound tracks the longest sequence to within the bucket. Prefill keeps the reference path.
+bound tracks the longest sequence to within the bucket. Prefill takes the same sync-free path
+(`prefill_static`) while a CUDA graph is being captured (the graph cache's prefill buckets), and
+the reference path (one SDPA per sequence) otherwise, where its memory is not bounded by a bucket.
 """
 
 from __future__ import annotations
 
-from xllm_compile.kernels.attention import _decode, attention, prefill_reference
+import torch
+
+from xllm_compile.kernels.attention import _decode, attention, prefill_reference, prefill_static
 
 
 def _decode_static(q, cache, positions, seq_slots, seq_lens, scale, window):
@@ -22,6 +26,10 @@ def _(q, kv_cache, layer, positions, seq_slots, query_lens, seq_lens, scale, sli
     if q.shape[0] == seq_slots.shape[0]:
         return _decode_static(
             q, kv_cache[layer], positions, seq_slots, seq_lens, scale, sliding_window
+        )
+    if torch.cuda.is_current_stream_capturing():
+        return prefill_static(
+            q, kv_cache[layer], positions, seq_slots, query_lens, scale, sliding_window
         )
     return prefill_reference(
         q, kv_cache, layer, positions, seq_slots, query_lens, seq_lens, scale, sliding_window

@@ -98,3 +98,45 @@ def test_cuda_static_decode_path_matches_naive_on_cpu(window):
     out = _decode_static(q, cache[layer], positions, slots, seq_lens, scale, window)
     expected = naive_attention(q, cache, layer, positions, slots, q_lens, seq_lens, scale, window)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "query_lens,ctx_before,window",
+    [([5, 1, 7], [0, 0, 0], 0), ([3, 1], [6, 11], 0), ([9, 1], [0, 15], 4)],
+)
+def test_static_prefill_path_matches_naive_on_cpu(query_lens, ctx_before, window):
+    """The sync-free prefill bound to CUDA graph capture, run on the CPU: bounded by the cache
+    view's extent (the graph cache's kv bucket), never reading past a token's own position."""
+    from xllm_compile.kernels.attention import prefill_static
+
+    q, cache, layer, positions, slots, q_lens, seq_lens, scale, _ = make_batch(
+        query_lens, ctx_before, window=window
+    )
+    bound = int(seq_lens.max()) + 3  # a bucket a little longer than the longest sequence
+    out = prefill_static(q, cache[layer][:, :, :bound], positions, slots, q_lens, scale, window)
+    expected = naive_attention(q, cache, layer, positions, slots, q_lens, seq_lens, scale, window)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_sequence_of_many_tokens_at_position_zero():
+    """The graph cache pads a prefill with a dummy sequence whose tokens all sit at position 0 of
+    a scratch slot (query_len > seq_len = 1): every kernel treats it as attending to row 0."""
+    from xllm_compile.kernels.attention import attention_reference, prefill_static
+
+    q, cache, layer, positions, slots, q_lens, seq_lens, scale, window = make_batch([4], [0])
+    q = torch.cat([q, torch.randn(3, *q.shape[1:])])
+    positions = torch.cat([positions, torch.zeros(3, dtype=torch.long)])
+    slots, q_lens, seq_lens = torch.tensor([3, 1]), torch.tensor([4, 3]), torch.tensor([4, 1])
+    args = (q, cache, layer, positions, slots, q_lens, seq_lens, scale, window)
+    v0 = cache[layer, 1, 1, 0]  # [Hkv, D]: one key, so attention returns its value
+    expected_pad = v0.repeat_interleave(q.shape[1] // v0.shape[0], dim=0).expand(3, -1, -1)
+    real = naive_attention(
+        q[:4], cache, layer, positions[:4], slots[:1], q_lens[:1], seq_lens[:1], scale, 0
+    )
+    for out in (
+        torch.ops.xllm.attention(*args),
+        attention_reference(*args),
+        prefill_static(q, cache[layer][:, :, :8], positions, slots, q_lens, scale, window),
+    ):
+        torch.testing.assert_close(out[:4], real, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[4:], expected_pad, rtol=1e-5, atol=1e-5)

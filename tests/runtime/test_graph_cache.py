@@ -1,5 +1,5 @@
-"""The decode graph cache: bucket math, padding that never changes a real token, zero builds
-after warm-up over 1,000 random steps, LRU eviction."""
+"""The graph cache: bucket math, padding that never changes a real token, zero builds after
+warm-up over 1,000 random decode and prefill steps, LRU eviction, compile-time buckets."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from xllm_compile.runtime.graph_cache import (
     bucket_for,
     decode_batch_buckets,
     kv_len_buckets,
+    prefill_token_buckets,
 )
 
 
@@ -25,6 +26,29 @@ def test_buckets():
     assert bucket_for(5, (1, 2, 4, 8)) == 8
     assert bucket_for(8, (1, 2, 4, 8)) == 8
     assert bucket_for(9, (1, 2, 4, 8)) is None
+    assert prefill_token_buckets(2048) == (16, 32, 64, 128, 256, 512)  # capped: compute-bound
+    assert prefill_token_buckets(100) == (16, 32, 64, 100)
+    from xllm_compile.buckets import parse_buckets
+
+    assert parse_buckets(None, 8, 256, 2048)["prefill_tokens"] == [16, 32, 64, 128, 256, 512]
+    assert parse_buckets("prefill=", 8, 256, 2048)["prefill_tokens"] == []  # none: unbucketed
+    assert parse_buckets("prefill=64,4096", 8, 256, 2048)["prefill_tokens"] == [64]
+
+
+def test_prefill_keys(llama_artifact):
+    engine = load(llama_artifact, max_num_seqs=8)
+    cache = attach_graph_cache(engine, prefill=True)
+    assert cache.prefill_buckets == prefill_token_buckets(engine.max_num_tokens)
+    # (T, B, longest) -> ("prefill", Tp, Bp, Lb): padding sequences hold >= 1 token each, and
+    # padding tokens need a padding sequence to hold them
+    assert cache.prefill_key_for(16, 1, 16) == ("prefill", 16, 1, 64)  # exact fit, no padding
+    assert cache.prefill_key_for(10, 1, 10) == ("prefill", 16, 2, 64)
+    assert cache.prefill_key_for(16, 3, 9) == ("prefill", 32, 4, 64)  # 16 + 1 pad seq > 16
+    assert cache.prefill_key_for(15, 3, 9) == ("prefill", 16, 4, 64)
+    assert cache.prefill_key_for(300, 8, 70) == ("prefill", 512, 9, 128)  # 9: 8 + a pad seq
+    assert cache.prefill_key_for(513, 2, 400) is None  # beyond the largest prefill bucket
+    assert set(cache.keys()) >= {("prefill", 16, 1, 64), ("prefill", 512, 9, 128)}
+    assert attach_graph_cache(engine).prefill_buckets == ()  # eager on CPU: prefill unbucketed
 
 
 def test_padded_step_equals_unpadded(llama_artifact):
@@ -85,7 +109,7 @@ import json, sys
 from xllm_compile.runtime import load
 from xllm_compile.runtime.graph_cache import attach_graph_cache
 engine = load(sys.argv[1], max_num_seqs=2)
-cache = attach_graph_cache(engine, backend="inductor", warmup=True, max_num_seqs=1)
+cache = attach_graph_cache(engine, backend="inductor", warmup=True, max_num_seqs=1, prefill=False)
 [out] = engine.generate([[1, 2, 3, 4]], max_tokens=6, ignore_eos=True)
 s = cache.stats
 print(json.dumps({"tokens": out.token_ids, "hits": s.compile_cache_hits,
@@ -149,12 +173,82 @@ def test_compile_time_buckets_reach_the_runtime(family_models, tmp_path, capsys)
         "--max-num-seqs",
         "6",
         "--buckets",
-        "decode=1,3;kv=32",
+        "decode=1,3;prefill=8,24;kv=32",
     )
     manifest = json.loads((art / "manifest.json").read_text())
-    assert manifest["buckets"] == {"decode_batch": [1, 3, 6], "kv_len": [32, 100]}
+    assert manifest["buckets"] == {
+        "decode_batch": [1, 3, 6],
+        "prefill_tokens": [8, 24],
+        "kv_len": [32, 100],
+    }
     cache = load(art, graph_cache=True).executor.graph_cache
     assert cache.batch_buckets == (1, 3, 6) and cache.kv_buckets == (32, 100)
+    assert load(art, graph_cache="inductor").executor.graph_cache.prefill_buckets == (8, 24)
     assert main(["inspect", str(art)]) == 0
     assert re.search(r"buckets decode_batch\s+1,3,6\n", capsys.readouterr().out)
     assert main(["compile", str(model_dir), "--out", str(tmp_path / "b"), "--buckets", "x=1"]) == 2
+
+
+def _prefill_rows(engine, prompts):
+    from xllm_compile.runtime.sampler import SamplingParams
+    from xllm_compile.runtime.sequence import Sequence
+
+    seqs = []
+    for p in prompts:
+        seq = Sequence(p, SamplingParams())
+        seq.slot = engine.kv_cache.allocate(len(p))
+        seqs.append(seq)
+    return engine.executor.step_rows(seqs)
+
+
+def test_logits_of_a_padded_prefill(llama_artifact):
+    """A prefill padded to its bucket gives the unpadded program's logits for every real row."""
+    engine = load(llama_artifact, max_num_seqs=8)
+    cache = attach_graph_cache(engine, prefill=True)
+    rows = _prefill_rows(engine, [[5, 9, 11, 4, 4], [3, 4, 2, 8, 9, 10, 11], [7, 7]])
+    kv = engine.kv_cache.tensor
+    padded = cache.run(rows, kv)
+    assert list(cache.entries) == [("prefill", 16, 4, 64)]  # 14 tokens + 1 pad seq, 3 + 1 seqs
+    inputs = [torch.tensor(r) for r in rows]
+    (unpadded,) = engine.executor.graph_module(*engine.executor.params, *inputs, kv)
+    assert padded.shape == unpadded.shape == (3, unpadded.shape[1])
+    torch.testing.assert_close(padded, unpadded, rtol=1e-5, atol=1e-5)
+
+
+def test_thousand_random_prefill_and_decode_steps_after_warmup(llama_artifact):
+    """Random batch compositions through prefill and decode buckets after warm-up: zero builds,
+    and the same tokens as the unbucketed engine."""
+    plain = load(llama_artifact, max_num_seqs=6)
+    bucketed = load(llama_artifact, max_num_seqs=6)
+    cache = attach_graph_cache(bucketed, prefill=True, buckets={"prefill_tokens": [16, 64, 128]})
+    cache.warmup(bucketed.kv_cache.tensor)
+    built = cache.stats.builds
+    assert built == len(cache.keys()) == len(cache.entries)
+    rng, steps, prefills = random.Random(1), 0, 0
+    while steps < 1000:
+        prompts = [
+            [rng.randrange(3, 300) for _ in range(rng.randint(1, 30))]
+            for _ in range(rng.randint(1, 6))
+        ]
+        max_tokens = rng.randint(1, 25)
+        before = cache.stats.hits
+        a = plain.generate(prompts, max_tokens=max_tokens, ignore_eos=True)
+        b = bucketed.generate(prompts, max_tokens=max_tokens, ignore_eos=True)
+        assert [r.token_ids for r in a] == [r.token_ids for r in b]
+        steps += cache.stats.hits - before
+        prefills += 1
+    assert cache.stats.builds == built  # every step hit a warmed-up bucket
+    assert sum(1 for k, e in cache.entries.items() if k[0] == "prefill" and e.uses) >= 5
+    assert prefills >= 40
+
+
+def test_engine_warmup_builds_every_bucket(llama_artifact):
+    engine = load(llama_artifact, max_num_seqs=2, graph_cache="eager")
+    engine.warmup()
+    cache = engine.executor.graph_cache
+    assert cache.stats.builds == len(cache.keys()) == len(cache.batch_buckets) * len(
+        cache.kv_buckets
+    )
+    engine.generate([[1, 2, 3]], max_tokens=4)
+    assert cache.stats.builds == len(cache.keys())  # nothing built on use
+    load(llama_artifact).warmup()  # no graph cache: a no-op
