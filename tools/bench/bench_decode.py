@@ -5,6 +5,8 @@ same weights, same machine, same run; printed with ratios (xllm / HF: below 1 is
     python -m xllm_compile.tools.bench.bench_decode --preset qwen2.5-0.5b --batch 1 8
 
 `--preset qwen2.5-0.5b` builds a random-weight model with Qwen2.5-0.5B's real shape.
+`--hf-static` adds transformers' compiled static-cache path (cache_implementation="static",
+forward under torch.compile; mode "reduce-overhead", i.e. CUDA graphs, on GPU) as a second peer.
 """
 
 from __future__ import annotations
@@ -90,6 +92,41 @@ def bench_hf(model_dir: Path, dtype, batch, prompt_len, steps, device) -> tuple[
         _sync()
         times.append(time.perf_counter() - start)
     return batch * prompt_len / t_prefill, 1000 * statistics.median(times)
+
+
+@torch.inference_mode()
+def bench_hf_static(model_dir: Path, dtype, batch, prompt_len, steps, device) -> tuple:
+    """(prefill tokens/s, decode ms/step) of transformers' compiled static-cache generation, the
+    way its docs benchmark it: generate() with a StaticCache and a compiled forward; decode
+    ms/step from two timed generations of 1 and steps + 1 new tokens (after two warm-ups that
+    compile), prefill from the 1-token one."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = model.to(device).eval()
+    model.generation_config.cache_implementation = "static"
+    mode = "reduce-overhead" if device == "cuda" else None
+    model.forward = torch.compile(model.forward, mode=mode, fullgraph=True)
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=device)
+    mask = torch.ones_like(ids)
+
+    def run(new_tokens: int) -> float:
+        return _timed(
+            lambda: model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=0,
+            )
+        )
+
+    for _ in range(2):  # compile prefill and decode shapes
+        run(steps + 1)
+    t_one = min(run(1) for _ in range(2))
+    t_all = min(run(steps + 1) for _ in range(2))
+    return batch * prompt_len / t_one, 1000 * (t_all - t_one) / steps
 
 
 def time_decode(engine, seqs: list[Sequence], logits: torch.Tensor, steps: int) -> list[float]:
@@ -205,6 +242,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument(
+        "--hf-static",
+        action="store_true",
+        help="also time transformers' compiled static-cache path (slow to compile)",
+    )
+    p.add_argument(
         "--graphs",
         action="store_true",
         help="also decode through the graph cache (CUDA graphs on GPU)",
@@ -239,10 +281,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'batch':>5} {'engine':>12} {'prefill tok/s':>14} {'decode ms/step':>15}")
         for batch in args.batch:
             hf = bench_hf(model_dir, dtype, batch, args.prompt_len, args.steps, args.device)
-            rows = [
-                ("HF eager", hf),
-                ("xllm", bench_xllm(art, batch, args.prompt_len, args.steps, False)),
-            ]
+            rows, static = [("HF eager", hf)], None
+            if args.hf_static:
+                static = bench_hf_static(
+                    model_dir, dtype, batch, args.prompt_len, args.steps, args.device
+                )
+                rows.append(("HF static", static))
+            rows.append(("xllm", bench_xllm(art, batch, args.prompt_len, args.steps, False)))
             if args.graphs:
                 rows.append(
                     ("xllm+graphs", bench_xllm(art, batch, args.prompt_len, args.steps, True))
@@ -255,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
                     if name == "HF eager"
                     else (f"   prefill {tok_s / hf[0]:.2f}x HF, decode {ms / hf[1]:.2f}x HF's time")
                 )
+                if static and name.startswith("xllm"):
+                    ratio += f", {ms / static[1]:.2f}x HF static's"
                 print(f"{batch:>5} {name:>12} {tok_s:>14.0f} {ms:>15.2f}{ratio}")
 
 
