@@ -83,6 +83,7 @@ class _Entry:
     graph: torch.cuda.CUDAGraph | None = None
     fn: object = None  # the compiled program (Inductor), else None: the program itself
     uses: int = field(default=0)
+    nbytes: int = 0  # device memory this entry holds: static buffers, captured graph's memory
 
 
 class GraphCache:
@@ -95,12 +96,14 @@ class GraphCache:
         device: str | torch.device,
         backend: str | None = None,
         max_entries: int = 256,
+        max_bytes: int | None = None,
         buckets: dict | None = None,
         prefill: bool | None = None,
         max_num_tokens: int | None = None,
     ) -> None:
         """`backend`: "cuda_graph" (the default on CUDA), "eager" (the default on CPU) or
-        "inductor"; `max_entries`: executables kept, the least recently used evicted first;
+        "inductor"; `max_entries`/`max_bytes`: how many executables, and how much memory held by
+        them, are kept: past either, the least recently used are evicted first;
         `prefill`: route prefill steps through token buckets too (default: yes for CUDA graphs
         and Inductor, no for eager, where padding a prefill only adds work)."""
         self.graph_module, self.params, self.kv_cache = graph_module, params, kv_cache
@@ -126,7 +129,7 @@ class GraphCache:
             self.prefill_buckets = tuple(sorted(set(sizes)))
         # a prefill batch may need one padding sequence more than the largest decode batch
         self.prefill_batch_buckets = tuple(sorted({*self.batch_buckets, max_num_seqs + 1}))
-        self.max_entries = max_entries
+        self.max_entries, self.max_bytes = max_entries, max_bytes
         self.pad_slot = kv_cache.allocate(1)  # scratch slot for padding rows, held for good
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self.stats = GraphCacheStats()
@@ -249,10 +252,18 @@ class GraphCache:
         self.stats.builds += 1
         self.stats.build_time_s += time.perf_counter() - start
         self.entries[key] = entry
-        while len(self.entries) > self.max_entries:  # least recently used goes first
+        while len(self.entries) > 1 and (
+            len(self.entries) > self.max_entries
+            or (self.max_bytes is not None and self.nbytes > self.max_bytes)
+        ):  # least recently used goes first; the entry just built always stays
             self.entries.popitem(last=False)
             self.stats.evictions += 1
         return entry
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the cached executables (what `max_bytes` bounds)."""
+        return sum(e.nbytes for e in self.entries.values())
 
     def _build(self, key: tuple, kv_tensor: torch.Tensor) -> _Entry:
         empty = [[] for _ in range(7)]
@@ -261,8 +272,10 @@ class GraphCache:
         kv_view = kv_tensor[:, :, :, : key[-1]]
         if self.backend == "inductor":
             entry.fn = self._compile_bucket(entry.args, kv_view)
+        entry.nbytes = buffer.nbytes
         if not self.use_cuda_graphs:
             return entry
+        reserved = torch.cuda.memory_reserved(self.device)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
@@ -272,6 +285,8 @@ class GraphCache:
         entry.graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(entry.graph, pool=self._pool):
             entry.output = self._call(entry.args, kv_view)
+        # the graph's private memory (shared pool: what this capture added to it)
+        entry.nbytes += max(0, torch.cuda.memory_reserved(self.device) - reserved)
         return entry
 
     def _compile_bucket(self, args: list[torch.Tensor], kv_view: torch.Tensor):

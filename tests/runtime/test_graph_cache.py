@@ -92,6 +92,17 @@ def test_lru_eviction(llama_artifact):
     assert list(cache.entries) == [("decode", 4, 64), ("decode", 8, 64)]
 
 
+def test_lru_eviction_under_a_memory_budget(llama_artifact):
+    engine = load(llama_artifact, max_num_seqs=8)
+    # an entry holds its [7, batch] int64 input buffer: room for batches 2 and 8, not 1 more
+    cache = attach_graph_cache(engine, max_bytes=7 * 8 * (2 + 8))
+    for batch in (1, 2, 5):  # buckets 1, 2, 8 at one kv length
+        engine.generate([[7, 8]] * batch, max_tokens=3)
+    assert cache.nbytes == 7 * 8 * (2 + 8) <= cache.max_bytes
+    assert list(cache.entries) == [("decode", 2, 64), ("decode", 8, 64)]
+    assert cache.stats.evictions == 1
+
+
 def test_logits_of_a_padded_step(llama_artifact):
     engine = load(llama_artifact, max_num_seqs=8)
     cache = attach_graph_cache(engine)  # takes slot 0 for padding
@@ -246,8 +257,8 @@ def test_engine_warmup_builds_every_bucket(llama_artifact):
     engine = load(llama_artifact, max_num_seqs=2, graph_cache="eager")
     engine.warmup()
     cache = engine.executor.graph_cache
-    assert cache.stats.builds == len(cache.keys()) == len(cache.batch_buckets) * len(
-        cache.kv_buckets
+    assert (
+        cache.stats.builds == len(cache.keys()) == len(cache.batch_buckets) * len(cache.kv_buckets)
     )
     engine.generate([[1, 2, 3]], max_tokens=4)
     assert cache.stats.builds == len(cache.keys())  # nothing built on use
