@@ -1,4 +1,5 @@
-"""Command line: `xllm-compile MODEL --out ART` and `xllm {compile,generate,chat,pull,inspect}`.
+"""Command line: `xllm-compile MODEL --out ART` and
+`xllm {compile,generate,chat,serve,pull,inspect}`.
 
 Each subcommand builds a config and calls one library function. A user error (XllmError) is one
 line on stderr and exit status 2; progress goes to stderr, results to stdout.
@@ -48,7 +49,8 @@ def _add_compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--buckets",
         default=None,
-        help='graph-cache shape buckets, e.g. "decode=1,2,4,8;kv=64,256" (default: powers of two)',
+        help='graph-cache shape buckets, e.g. "decode=1,2,4,8;prefill=16,64,256;kv=64,256" '
+        "(default: powers of two; prefill up to 512 tokens)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_pass_args(p)
@@ -103,6 +105,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--kv-memory",
+        "--max-memory-utilization",
         type=float,
         default=0.5,
         dest="kv_memory",
@@ -117,7 +120,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, **extra):
     from xllm_compile.runtime import load
 
     memory = int(args.kv_memory) if args.kv_memory > 1 else args.kv_memory
@@ -127,6 +130,7 @@ def _load(args: argparse.Namespace):
         kv_cache=args.kv_cache,
         kv_memory=memory,
         graph_cache=args.graph_cache or False,
+        **extra,
     )
 
 
@@ -249,6 +253,46 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    # host/port default to None and then to ServerConfig's fields: importing the server here
+    # would load torch and fastapi for every subcommand
+    p.add_argument("artifact", help="artifact folder written by xllm-compile")
+    p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="default 8000; 0: any free port")
+    p.add_argument(
+        "--model-name",
+        default=None,
+        dest="model_name",
+        help='the model id clients send as "model" (default: the artifact folder\'s name)',
+    )
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        dest="max_num_seqs",
+        help="most sequences in one batch (default: the artifact's limit)",
+    )
+    p.add_argument("--warmup", action="store_true", help="build every graph bucket before serving")
+    _add_runtime_args(p)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from xllm_compile.runtime.server import HTTPServer, ServerConfig, model_name_for
+
+    engine = _load(args, max_num_seqs=args.max_num_seqs)
+    if args.warmup:
+        engine.warmup(show_progress=True)
+    given = {k: getattr(args, k) for k in ("host", "port") if getattr(args, k) is not None}
+    name = args.model_name or model_name_for(args.artifact)
+    server = HTTPServer(engine, ServerConfig(**given, model_name=name))
+    print(f"xllm: serving {name!r} at {server.url}/v1 (Ctrl-C stops)", flush=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
+        pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xllm", description="xllm-compile runtime and tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -267,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     _add_runtime_args(p)
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("serve", help="serve an artifact over OpenAI-compatible HTTP")
+    _add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("pull", help="download a known model (GGUF) into the cache")
     p.add_argument("name", choices=sorted(_pull_names()))
     p.add_argument("--dir", default=None, help="cache folder (default: ~/.cache/xllm_compile)")

@@ -1,0 +1,502 @@
+"""`xllm serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the engine loop.
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream as server-sent events
+ending with `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (Prometheus text).
+Bad input is an OpenAI-style error body, never a dead server: malformed JSON 400, wrong or
+missing fields 422, a bad value or prompt (RequestError) 400, an unknown model 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import jinja2
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException
+
+from xllm_compile.errors import ConfigError, RequestError, XllmError
+from xllm_compile.runtime.async_engine import AsyncEngine, EngineLoopError, RequestOutput
+from xllm_compile.runtime.engine import Engine
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (the bound one is in `HTTPServer.url`)
+    model_name: str | None = None  # the id clients send as "model"; default: the artifact's folder
+    graceful_shutdown_s: float = 5.0  # how long open responses may run on after Ctrl-C
+
+
+# -- request bodies (strict: "3" is not an int; unknown OpenAI fields are accepted and ignored) --
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _SamplingBody(_Body):
+    model: str | None = None
+    temperature: float | None = None  # OpenAI's default: 1
+    top_p: float | None = None
+    top_k: int | None = None  # an extension, as in vLLM
+    seed: int | None = None
+    stop: str | list[str | int] | None = None  # stop strings; ints are stop token ids
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    logprobs: bool | int | None = None
+
+
+class CompletionRequest(_SamplingBody):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    echo: bool = False
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[TextPart] | None = None
+
+
+class ChatRequest(_SamplingBody):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None  # default: until the artifact's max length
+    max_completion_tokens: int | None = None
+
+
+# One-line descriptions of union fields, whose raw pydantic errors name every member type.
+_UNION_FIELDS = {
+    "prompt": "a string or a list of token ids",
+    "stop": "a string or a list of strings and token ids",
+    "content": 'a string or a list of {"type": "text", "text": ...} parts',
+    "logprobs": "a boolean or an integer",
+}
+
+
+# -- errors --
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type_, code
+
+
+def _error(status: int, message: str, type_: str, code: str | None = None) -> JSONResponse:
+    one_line = " ".join(message.split())
+    body = {"error": {"message": one_line, "type": type_, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def _validation_message(err: dict) -> str:
+    path = [str(p) for p in err["loc"] if p != "body"]
+    fields = [p for p in path if p.isidentifier() and p not in ("str", "int", "bool", "float")]
+    if not path:  # the body itself: a list, a string, or a form sent without a JSON type
+        return "the body must be a JSON object (Content-Type: application/json)"
+    if err["type"] == "missing":
+        return f"missing field {'.'.join(path)!r}"
+    name = next((p for p in reversed(fields) if p in _UNION_FIELDS), None)
+    if name is not None:
+        where = ".".join(path[: path.index(name) + 1])
+        return f"{where!r}: expected {_UNION_FIELDS[name]}"
+    where = ".".join(fields) or "body"
+    return f"{where!r}: {err['msg']}"
+
+
+# -- the app --
+
+
+def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
+    """The FastAPI app over a started `engine`, answering as model `model_name`."""
+    app = FastAPI(title="xllm", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+    metrics = engine.metrics
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.requests_rejected += 1
+        errors = exc.errors()
+        bad_json = next((e for e in errors if e["type"] == "json_invalid"), None)
+        if bad_json is not None:
+            reason = bad_json.get("ctx", {}).get("error", "cannot be parsed")
+            return _error(400, f"the body is not valid JSON: {reason}", "invalid_request_error")
+        return _error(
+            422, _validation_message(errors[0]), "invalid_request_error", errors[0]["type"]
+        )
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+        metrics.requests_rejected += 1
+        return _error(exc.status, exc.message, exc.type, exc.code)
+
+    @app.exception_handler(XllmError)
+    async def _xllm_error(_request: Request, exc: XllmError) -> JSONResponse:
+        metrics.requests_rejected += 1
+        return _error(400, str(exc), "invalid_request_error", type(exc).__name__)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        return _error(exc.status_code, str(exc.detail), "invalid_request_error", code)
+
+    @app.exception_handler(EngineLoopError)
+    async def _engine_error(_request: Request, exc: EngineLoopError) -> JSONResponse:
+        return _error(500, str(exc), "server_error")
+
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, exc: Exception) -> JSONResponse:
+        # our bug: an OpenAI-style 500 for the client; uvicorn logs the traceback
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+    def check(body: _SamplingBody) -> None:
+        if body.model is not None and body.model != model_name:
+            raise APIError(
+                404,
+                f"model {body.model!r} does not exist; this server serves {model_name!r}",
+                "invalid_request_error",
+                "model_not_found",
+            )
+        if body.n != 1:
+            raise RequestError(f"n must be 1, got {body.n}: send one request per completion")
+        if body.logprobs:
+            raise RequestError("logprobs are not supported")
+
+    def sampling(body: _SamplingBody, max_tokens: int | None) -> tuple[dict, tuple[str, ...]]:
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        stop_ids = [s for s in stop if isinstance(s, int)] + list(body.stop_token_ids or [])
+        kwargs = dict(
+            max_tokens=engine.engine.max_model_len if max_tokens is None else max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=0 if body.top_k is None or body.top_k < 0 else body.top_k,  # -1: off (vLLM)
+            seed=body.seed,
+            stop_token_ids=tuple(stop_ids),
+            ignore_eos=body.ignore_eos,
+        )
+        return kwargs, tuple(s for s in stop if isinstance(s, str))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not engine.is_alive:
+            return _error(503, "the engine loop has stopped", "server_error")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {"id": model_name, "object": "model", "created": created, "owned_by": "xllm"}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(
+            render_metrics(engine), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check(body)
+        if body.echo:
+            raise RequestError("echo is not supported")
+        prompt = body.prompt
+        if prompt and isinstance(prompt[0], (str, list)) and not isinstance(prompt, str):
+            if len(prompt) != 1:
+                raise RequestError("batched prompts are not supported: send one per request")
+            prompt = prompt[0]
+        kwargs, stop = sampling(body, body.max_tokens)
+        seq = engine.submit(prompt, stop, **kwargs)
+        metrics.requests_total += 1
+        head = _Head(f"cmpl-{uuid.uuid4().hex}", "text_completion", model_name)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunks = _completion_chunks(engine.stream(seq, stop), head, include_usage)
+            return _sse(chunks)
+        done = await _collect(engine.stream(seq, stop), request)
+        if done is None:
+            return _client_gone()
+        choice = {
+            "index": 0,
+            "text": done.text,
+            "logprobs": None,
+            "finish_reason": done.finish_reason,
+            "token_ids": done.token_ids,
+        }
+        return {**head.fields(), "choices": [choice], "usage": _usage(done)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        check(body)
+        tokenizer = engine.engine.tokenizer
+        if tokenizer is None:
+            raise RequestError("chat needs a tokenizer, and this artifact has none")
+        if not body.messages:
+            raise RequestError("messages must not be empty")
+        messages = [{"role": m.role, "content": _content_text(m)} for m in body.messages]
+        try:
+            prompt = tokenizer.apply_chat_template(messages)
+        except jinja2.TemplateError as e:  # e.g. a role the template does not know
+            raise RequestError(f"the chat template cannot render these messages: {e}") from None
+        max_tokens = body.max_tokens
+        if body.max_completion_tokens is not None:  # the newer name wins
+            max_tokens = body.max_completion_tokens
+        kwargs, stop = sampling(body, max_tokens)
+        seq = engine.submit(prompt, stop, **kwargs)
+        metrics.requests_total += 1
+        head = _Head(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", model_name)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _sse(_chat_chunks(engine.stream(seq, stop), head, include_usage))
+        done = await _collect(engine.stream(seq, stop), request)
+        if done is None:
+            return _client_gone()
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": done.text},
+            "logprobs": None,
+            "finish_reason": done.finish_reason,
+        }
+        return {**head.fields(), "choices": [choice], "usage": _usage(done)}
+
+    return app
+
+
+def _client_gone() -> JSONResponse:
+    # nginx's 499: the client closed the connection; uvicorn drops the response unsent
+    return _error(499, "the client closed the request", "invalid_request_error")
+
+
+def _content_text(message: ChatMessage) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    return "".join(part.text for part in message.content)
+
+
+@dataclass
+class _Head:
+    """The fields every response and chunk of one request repeat."""
+
+    id: str
+    object: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def fields(self, object_: str | None = None) -> dict:
+        return {
+            "id": self.id,
+            "object": object_ or self.object,
+            "created": self.created,
+            "model": self.model,
+        }
+
+
+async def _collect(outputs: AsyncIterator[RequestOutput], request: Request) -> RequestOutput | None:
+    """The whole output of a non-streamed request, or None if the client hung up first: that
+    cancels the collection, which aborts the sequence (else it would run on for nobody)."""
+
+    async def gather() -> RequestOutput:
+        text, ids, last = [], [], None
+        async for out in outputs:
+            text.append(out.text)
+            ids.extend(out.token_ids)
+            last = out
+        return RequestOutput("".join(text), ids, last.finish_reason, last.prompt_tokens, len(ids))
+
+    async def hung_up() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.ensure_future(gather()), asyncio.ensure_future(hung_up())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()  # closing the stream aborts the sequence
+    return None if work.cancelled() else work.result()
+
+
+def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except EngineLoopError as e:  # the status line is sent already: report in the stream
+            error = {"message": str(e), "type": "server_error", "code": None}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def _completion_chunks(
+    outputs: AsyncIterator[RequestOutput], head: _Head, include_usage: bool
+) -> AsyncIterator[dict]:
+    last = None
+    async for out in outputs:
+        choice = {
+            "index": 0,
+            "text": out.text,
+            "logprobs": None,
+            "finish_reason": out.finish_reason,
+            "token_ids": out.token_ids,
+        }
+        yield {**head.fields(), "choices": [choice]}
+        last = out
+    if include_usage and last is not None:
+        yield {**head.fields(), "choices": [], "usage": _usage(last)}
+
+
+async def _chat_chunks(
+    outputs: AsyncIterator[RequestOutput], head: _Head, include_usage: bool
+) -> AsyncIterator[dict]:
+    kind = "chat.completion.chunk"
+    first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+    yield {**head.fields(kind), "choices": [first]}
+    last = None
+    async for out in outputs:
+        delta = {"content": out.text} if out.text else {}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": out.finish_reason}
+        yield {**head.fields(kind), "choices": [choice]}
+        last = out
+    if include_usage and last is not None:
+        yield {**head.fields(kind), "choices": [], "usage": _usage(last)}
+
+
+def _usage(out: RequestOutput) -> dict:
+    total = out.prompt_tokens + out.completion_tokens
+    return {
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": out.completion_tokens,
+        "total_tokens": total,
+    }
+
+
+# -- metrics --
+
+
+def render_metrics(engine: AsyncEngine) -> str:
+    """Prometheus text format (version 0.0.4) of the engine's counters and gauges."""
+    m, eng = engine.metrics, engine.engine
+    lines: list[str] = []
+
+    def add(name: str, kind: str, help_: str, samples: dict[str, float] | float) -> None:
+        samples = samples if isinstance(samples, dict) else {"": samples}
+        lines.extend([f"# HELP xllm_{name} {help_}", f"# TYPE xllm_{name} {kind}"])
+        lines.extend(f"xllm_{name}{labels} {_number(v)}" for labels, v in samples.items())
+
+    add("requests_total", "counter", "Requests accepted.", m.requests_total)
+    add("requests_rejected_total", "counter", "Requests refused (4xx).", m.requests_rejected)
+    finished = {f'{{finish_reason="{r}"}}': n for r, n in sorted(m.requests_finished.items())}
+    add("requests_finished_total", "counter", "Requests finished (abort: client left).", finished)
+    add("requests_running", "gauge", "Sequences in the running batch.", len(eng.scheduler.running))
+    waiting = len(eng.scheduler.waiting) + engine.num_pending
+    add("requests_waiting", "gauge", "Requests waiting to be admitted.", waiting)
+    add("prompt_tokens_total", "counter", "Prompt tokens admitted.", m.prompt_tokens)
+    add("generation_tokens_total", "counter", "Tokens generated.", m.generation_tokens)
+    add("engine_steps_total", "counter", "Engine steps run.", m.steps)
+    add("engine_step_errors_total", "counter", "Engine steps that failed.", m.step_errors)
+    preempted = eng.scheduler.num_preemptions
+    add("preemptions_total", "counter", "Sequences preempted for KV memory.", preempted)
+    kv = eng.kv_cache
+    add("kv_slots", "gauge", "KV cache slots.", kv.num_slots)
+    add("kv_slots_free", "gauge", "KV cache slots free.", kv.num_free_slots)
+    pool = getattr(kv, "pool", None)  # the paged cache's physical pages
+    if pool is not None:
+        add("kv_pages", "gauge", "Physical KV pages in the pool.", pool.num_pages)
+        add("kv_pages_free", "gauge", "Physical KV pages free.", pool.num_free)
+        add("kv_page_bytes", "gauge", "Bytes per KV page.", pool.page_size)
+    cache = eng.executor.graph_cache
+    if cache is not None:
+        s = cache.stats
+        add("graph_cache_hits_total", "counter", "Steps run by a cached graph.", s.hits)
+        add("graph_cache_misses_total", "counter", "Steps that found no graph.", s.misses)
+        add("graph_cache_builds_total", "counter", "Graphs built.", s.builds)
+        add("graph_cache_build_seconds_total", "counter", "Time building graphs.", s.build_time_s)
+        add("graph_cache_evictions_total", "counter", "Graphs evicted.", s.evictions)
+    return "\n".join(lines) + "\n"
+
+
+def _number(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
+# -- the server --
+
+
+class HTTPServer:
+    """The engine loop, the app and uvicorn on one bound socket. `run()` blocks until Ctrl-C or
+    SIGTERM (or `stop()` from another thread) and then stops the engine loop.
+
+    Raises:
+        ConfigError: the address cannot be bound (port in use, unknown host).
+    """
+
+    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+        import uvicorn
+
+        self.engine = AsyncEngine(engine)
+        self.model_name = config.model_name or "default"
+        self.app = create_app(self.engine, self.model_name)
+        self.socket = _bind(config.host, config.port)
+        host, port = self.socket.getsockname()[:2]
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        self._server = uvicorn.Server(
+            uvicorn.Config(
+                self.app,
+                log_config=None,  # keep the process's logging setup (the CLI's one-line format)
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=config.graceful_shutdown_s,
+            )
+        )
+
+    @property
+    def started(self) -> bool:
+        return self._server.started
+
+    def run(self) -> None:
+        self.engine.start()
+        try:
+            self._server.run(sockets=[self.socket])
+        finally:
+            self.engine.shutdown()
+            self.socket.close()
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, reuse_port=False)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def model_name_for(artifact: str | Path) -> str:
+    return Path(artifact).resolve().name
