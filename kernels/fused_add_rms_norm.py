@@ -4,7 +4,8 @@
     normed    = rms_norm(residual', weight, eps)
     returns (normed, residual')
 
-The CPU kernel (kernels/cpu/xllm_cpu.cpp) does both in one pass over each row.
+The CPU kernel (kernels/cpu/xllm_cpu.cpp) adds and sums the squares in one pass over each row,
+then scales it in a second.
 """
 
 from __future__ import annotations

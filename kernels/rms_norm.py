@@ -1,8 +1,9 @@
 """`xllm::rms_norm`: RMSNorm with its statistics in fp32, as transformers (and models/decoder.py)
 computes it: `weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)` over the last dim.
 
-The CPU kernel (kernels/cpu/xllm_cpu.cpp) reads each row once instead of running the eight ops
-torch.export traces (cast, pow, mean, add, rsqrt, mul, cast, mul); tools/bench/bench_kernels.py.
+The CPU kernel (kernels/cpu/xllm_cpu.cpp) makes two vectorized passes over each row (sum of
+squares, then scale) instead of running the eight ops torch.export traces (cast, pow, mean, add,
+rsqrt, mul, cast, mul); tools/bench/bench_kernels.py.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Takes gate and up as two tensors, so it serves both separate gate/up projections and the two
 halves of the merged gate_up matmul (strided views, no copy). The CPU kernel
-(kernels/cpu/xllm_cpu.cpp) reads both once and writes the product, with no [T, I] temporary.
+(kernels/cpu/xllm_cpu.cpp) makes one vectorized pass over each row: silu in fp32 with ATen's exp
+(rounded to the activation dtype, as ATen's silu rounds), times up, with no [T, I] temporary.
 """
 
 from __future__ import annotations

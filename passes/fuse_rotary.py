@@ -1,16 +1,22 @@
-"""fuse_rotary: rotate-half rotary embedding of q and k -> one xllm::rotary_embedding.
+"""fuse_rotary: rotary embedding of q and k -> one xllm::rotary_embedding.
 
-Before, for x in (q, k), with cos/sin the tables gathered by position ([T, 1, D]):
+Before, for x in (q, k), with cos/sin the tables gathered by position ([T, 1, D]), one of:
 
-    r = cat([neg(slice(x, -1, D/2, end)), slice(x, -1, 0, D/2)], -1)
-    out = add(mul(x, cos), mul(r, sin))
+    rotate-half (Llama, Qwen):   r = cat([neg(slice(x, -1, D/2, D)), slice(x, -1, 0, D/2)], -1)
+    interleaved (GPT-J, Cohere): r = flatten(stack([neg(slice(x, -1, 1, D, 2)),
+                                                    slice(x, -1, 0, D, 2)], -1), -2)
+                                 out = add(mul(x, cos), mul(r, sin))
+    interleaved on the pairs, x1 = slice(x, -1, 0, D, 2), x2 = slice(x, -1, 1, D, 2), [T, 1, D/2]
+    tables (GLM):                out = flatten(stack([sub(mul(x1, cos), mul(x2, sin)),
+                                                      add(mul(x2, cos), mul(x1, sin))], -1), -2)
 After:
-    f = xllm.rotary_embedding(q, k, cos, sin); q_out = f[0]; k_out = f[1]
+    f = xllm.rotary_embedding(q, k, cos, sin[, is_neox=False]); q_out = f[0]; k_out = f[1]
 
-q and k are paired when they share cos/sin and come from projections of the same input (the
-merged qkv matmul, or q_proj/k_proj on one hidden state). A rotation with no partner is left as
-it is and counted in stats.details["unpaired"]. Not matched: halves swapped without the neg, a
-split other than D/2, or an interleaved (even/odd) rotation, which this model family never emits.
+q and k are paired when they share cos/sin and pairing and come from projections of the same
+input (the merged qkv matmul, or q_proj/k_proj on one hidden state). A rotation with no partner
+is left as it is and counted in stats.details["unpaired"]. Not matched: halves swapped without
+the neg or with the sign on the other half, a split other than D/2 or a stride other than 2, a
+partial rotation (slices of x, not x), or output that changes shape or dtype.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from torch import fx
 from xllm_compile.passes.base import Pass, PassContext, PassStats
 from xllm_compile.passes.graph_utils import ancestors_until
 from xllm_compile.passes.match import (
-    INT64_MAX,
     aten,
     call,
     erase_dead,
@@ -46,43 +51,120 @@ class Rotation:
     sin: fx.Node
     out: fx.Node
     nodes: set
+    is_neox: bool
 
 
-def _is_half(node, x: fx.Node, start: int, end: int) -> bool:
-    if not is_call(node, aten.slice.Tensor) or node.args[0] is not x:
-        return False
-    dim, lo = node.args[1], node.args[2]
-    hi = node.args[3] if len(node.args) > 3 else INT64_MAX
-    full = val(x).shape[-1]
-    return is_last_dim(dim, val(x).dim()) and lo == start and hi in (end, full, INT64_MAX)
-
-
-def match_rotation(cat: fx.Node) -> Rotation | None:
-    parts, dim = cat.args[0], cat.args[1] if len(cat.args) > 1 else 0
-    if len(parts) != 2 or not is_call(parts[0], aten.neg.default):
+def _slice(node) -> tuple | None:
+    """(x, start, end, step) of a slice of x's last dim (an end past D reads as D), else None."""
+    if not is_call(node, aten.slice.Tensor) or val(node.args[0]) is None:
         return None
-    x = parts[0].args[0].args[0] if is_call(parts[0].args[0], aten.slice.Tensor) else None
-    if x is None or val(x) is None or not is_last_dim(dim, val(x).dim()):
+    x, dim, start, end, step = (*node.args, None, None, None, None)[:5]
+    shape = val(x).shape
+    if not is_last_dim(0 if dim is None else dim, len(shape)):
         return None
+    d = shape[-1]
+    end = d if end is None or (isinstance(end, int) and isinstance(d, int) and end >= d) else end
+    return x, start or 0, end, 1 if step is None else step
+
+
+def _head_dim(x: fx.Node) -> int | None:
     d = val(x).shape[-1]
-    if not isinstance(d, int) or d % 2:
-        return None
-    if not (_is_half(parts[0].args[0], x, d // 2, d) and _is_half(parts[1], x, 0, d // 2)):
-        return None
-    mul_sin = only_user(cat)
+    return d if isinstance(d, int) and d % 2 == 0 else None
+
+
+def _rotated(r: fx.Node, x: fx.Node, nodes: set, is_neox: bool) -> Rotation | None:
+    """out = add(mul(x, cos), mul(r, sin)) with r = rotate(x): the rotation, or None."""
+    mul_sin = only_user(r)
     add = only_user(mul_sin) if is_call(mul_sin, aten.mul.Tensor) else None
     if not is_call(add, aten.add.Tensor) or add.kwargs:
         return None
     mul_cos = other_arg(add, mul_sin)
     if not is_call(mul_cos, aten.mul.Tensor) or only_user(mul_cos) is not add:
         return None
-    cos, sin = other_arg(mul_cos, x), other_arg(mul_sin, cat)
-    if cos is None or val(cos) is None or val(add).shape != val(x).shape:
+    cos, sin = other_arg(mul_cos, x), other_arg(mul_sin, r)
+    if cos is None or val(cos) is None or val(sin) is None:
         return None
-    if val(add).dtype != val(x).dtype:
+    return Rotation(x, cos, sin, add, nodes | {mul_sin, mul_cos, add}, is_neox)
+
+
+def _rotate_half(cat: fx.Node) -> Rotation | None:
+    parts, dim = cat.args[0], cat.args[1] if len(cat.args) > 1 else 0
+    if len(parts) != 2 or not is_call(parts[0], aten.neg.default):
         return None
-    nodes = {parts[0].args[0], parts[0], parts[1], cat, mul_sin, mul_cos, add}
-    return Rotation(x, cos, sin, add, nodes)
+    hi, lo = _slice(parts[0].args[0]), _slice(parts[1])
+    x = lo[0] if lo is not None else None
+    d = _head_dim(x) if x is not None else None
+    if d is None or not is_last_dim(dim, val(x).dim()):
+        return None
+    if hi != (x, d // 2, d, 1) or lo != (x, 0, d // 2, 1):
+        return None
+    return _rotated(cat, x, {parts[0].args[0], *parts, cat}, is_neox=True)
+
+
+def _interleaved(flatten: fx.Node) -> Rotation | None:
+    """flatten(stack([a, b], -1), -2): the (even, odd) pairs written back in place."""
+    stack = flatten.args[0]
+    if not is_call(stack, aten.stack.default) or val(stack) is None:
+        return None
+    ndim, args = val(stack).dim(), flatten.args
+    start, end = args[1] if len(args) > 1 else 0, args[2] if len(args) > 2 else -1
+    dim = stack.args[1] if len(stack.args) > 1 else 0
+    if start not in (-2, ndim - 2) or end not in (-1, ndim - 1) or dim not in (-1, ndim - 1):
+        return None
+    if len(stack.args[0]) != 2:
+        return None
+    a, b = stack.args[0]
+    if not is_call(a, aten.neg.default):
+        return _pairwise(flatten, stack, a, b)
+    odd, even = _slice(a.args[0]), _slice(b)  # r = stack(-x[..., 1::2], x[..., ::2])
+    x = even[0] if even is not None else None
+    d = _head_dim(x) if x is not None else None
+    if d is None or odd != (x, 1, d, 2) or even != (x, 0, d, 2):
+        return None
+    return _rotated(flatten, x, {a.args[0], a, b, stack, flatten}, is_neox=False)
+
+
+def _scaled(mul, start: int) -> tuple | None:
+    """mul(x[..., start::2], table) in either order -> (x, table)."""
+    if not is_call(mul, aten.mul.Tensor):
+        return None
+    for half, table in (mul.args[:2], mul.args[1::-1]):
+        s = _slice(half)
+        if s is not None and _head_dim(s[0]) is not None and s[1:] == (start, _head_dim(s[0]), 2):
+            return s[0], table
+    return None
+
+
+def _pairwise(flatten: fx.Node, stack: fx.Node, sub, add) -> Rotation | None:
+    if not (is_call(sub, aten.sub.Tensor) and is_call(add, aten.add.Tensor)):
+        return None
+    if sub.kwargs or add.kwargs:  # alpha
+        return None
+    x1c, x2s = _scaled(sub.args[0], 0), _scaled(sub.args[1], 1)  # x1 * cos - x2 * sin
+    x2c, x1s = _scaled(add.args[0], 1), _scaled(add.args[1], 0)  # x2 * cos + x1 * sin
+    if x2c is None:
+        x2c, x1s = _scaled(add.args[1], 1), _scaled(add.args[0], 0)
+    if None in (x1c, x2s, x2c, x1s) or len({x1c[0], x2s[0], x2c[0], x1s[0]}) != 1:
+        return None
+    (x, cos), sin = x1c, x2s[1]
+    if x2c[1] is not cos or x1s[1] is not sin or val(cos) is None or val(sin) is None:
+        return None
+    muls = {*sub.args[:2], *add.args[:2]}
+    halves = {a for m in muls for a in m.args[:2] if (_slice(a) or (None,))[0] is x}
+    return Rotation(x, cos, sin, flatten, muls | halves | {sub, add, stack, flatten}, False)
+
+
+def match_rotation(node: fx.Node) -> Rotation | None:
+    if is_call(node, aten.cat.default):
+        rot = _rotate_half(node)
+    elif is_call(node, aten.flatten.using_ints):
+        rot = _interleaved(node)
+    else:
+        return None
+    if rot is None or val(rot.out) is None:
+        return None
+    same = val(rot.out).shape == val(rot.x).shape and val(rot.out).dtype == val(rot.x).dtype
+    return rot if same else None
 
 
 def _origin(x: fx.Node) -> fx.Node:
@@ -94,22 +176,22 @@ def _origin(x: fx.Node) -> fx.Node:
 
 class FuseRotary(Pass):
     name = "fuse_rotary"
-    VERSION = 1
-    description = "rotate-half rotary on q and k -> xllm::rotary_embedding"
+    VERSION = 2  # 2: interleaved (GPT-J) rotations too
+    description = "rotary on q and k (rotate-half or interleaved) -> xllm::rotary_embedding"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassStats:
         stats, graph = PassStats(), gm.graph
         groups: dict[tuple, list[Rotation]] = defaultdict(list)
-        for cat in [n for n in graph.nodes if is_call(n, aten.cat.default)]:
-            rot = match_rotation(cat)
+        for node in list(graph.nodes):
+            rot = match_rotation(node)
             if rot is not None:
-                groups[(_origin(rot.x), rot.cos, rot.sin)].append(rot)
+                groups[(_origin(rot.x), rot.cos, rot.sin, rot.is_neox)].append(rot)
         unpaired = 0
         for rots in groups.values():
             for q, k in zip(rots[0::2], rots[1::2], strict=False):
                 if self._fuse(graph, q, k):
                     stats.matches += 1
-                    stats.count("rotary_embedding")
+                    stats.count("rotary_embedding" if q.is_neox else "rotary_interleaved")
                 else:
                     unpaired += 2
             unpaired += len(rots) % 2
@@ -121,9 +203,9 @@ class FuseRotary(Pass):
         anchor = insert_after_inputs(graph, [q.x, k.x, q.cos, q.sin])
         if not precedes_uses(anchor, [q.out, k.out], q.nodes | k.nodes):
             return False
-        op = torch.ops.xllm.rotary_embedding.default
+        args = (q.x, k.x, q.cos, q.sin) + (() if q.is_neox else (False,))
         with graph.inserting_after(anchor):
-            fused = call(graph, op, (q.x, k.x, q.cos, q.sin), like=q.out)
+            fused = call(graph, torch.ops.xllm.rotary_embedding.default, args, like=q.out)
         with graph.inserting_after(fused):
             q_out = getitem(graph, fused, 0)
         with graph.inserting_after(q_out):

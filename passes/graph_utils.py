@@ -4,6 +4,7 @@ a new node)."""
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 
 import networkx as nx
@@ -85,6 +86,76 @@ def liveness(graph: fx.Graph) -> dict[fx.Node, tuple[int, int]]:
         last = max((order[u] for u in node.users), default=i)
         out[node] = (i, end if any(u.op == "output" for u in node.users) else last)
     return out
+
+
+def alias_sources(node: fx.Node) -> list[fx.Node]:
+    """The inputs whose memory `node`'s output may share: the arguments an op's schema marks with
+    the alias set of one of its returns (views, reshape, split; `Tensor(a!)` of in-place ops),
+    the tuple a getitem reads from, and every tensor input of a call we cannot see into."""
+    if node.op != "call_function":
+        return []
+    if node.target is operator.getitem:
+        return [node.args[0]] if isinstance(node.args[0], fx.Node) else []
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:  # a Python callable: assume the worst unless it returns no tensor
+        val = node.meta.get("val")
+        if val is not None and not any(isinstance(v, torch.Tensor) for v in _flat(val)):
+            return []
+        return list(node.all_input_nodes)
+    sets = {s for r in schema.returns if r.alias_info for s in r.alias_info.before_set}
+    if not sets:
+        return []
+    bound = _bind_args(schema, node)
+    out = []
+    for arg in schema.arguments:
+        info = arg.alias_info
+        if info is not None and set(info.before_set) & sets and arg.name in bound:
+            out += [n for n in _flat(bound[arg.name]) if isinstance(n, fx.Node)]
+    return out
+
+
+def storage_groups(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
+    """Node -> the root of the memory it may share: the weakly connected components of the
+    "may alias" graph (edges from `alias_sources`), each rooted at its first node in graph order.
+    Conservative: two values in one component are treated as one buffer."""
+    g = nx.Graph()
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    g.add_nodes_from(order)
+    g.add_edges_from((src, n) for n in graph.nodes for src in alias_sources(n))
+    roots = {}
+    for component in nx.connected_components(g):
+        root = min(component, key=order.__getitem__)
+        roots.update(dict.fromkeys(component, root))
+    return roots
+
+
+def buffer_liveness(graph: fx.Graph) -> dict[fx.Node, tuple[int, int]]:
+    """Root -> (first index, last index) over every value that may share its memory: `liveness`
+    with aliases (views, getitem, split outputs, in-place writes) folded into their root."""
+    live = liveness(graph)
+    out: dict[fx.Node, tuple[int, int]] = {}
+    for node, root in storage_groups(graph).items():
+        start, end = live[node]
+        if root in out:
+            start, end = min(start, out[root][0]), max(end, out[root][1])
+        out[root] = (start, end)
+    return out
+
+
+def _bind_args(schema, node: fx.Node) -> dict:
+    bound = {}
+    for i, arg in enumerate(schema.arguments):
+        if arg.name in node.kwargs:
+            bound[arg.name] = node.kwargs[arg.name]
+        elif i < len(node.args) and not arg.kwarg_only:
+            bound[arg.name] = node.args[i]
+    return bound
+
+
+def _flat(value) -> list:
+    if isinstance(value, list | tuple):
+        return [v for item in value for v in _flat(item)]
+    return [value]
 
 
 def critical_path(graph: fx.Graph, cost=None) -> tuple[list[fx.Node], float]:

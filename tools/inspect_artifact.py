@@ -56,6 +56,8 @@ def inspect_artifact(path: str, as_json: bool = False) -> str:
     parts = [_table(model_rows, f"artifact {path}"), _table(files, "files")]
     if m.get("passes"):
         parts.append(_pass_table(m["passes"]))
+    if m.get("memory_plan"):
+        parts.append(_memory_plan_table(m["memory_plan"]))
     return "\n\n".join(parts)
 
 
@@ -84,3 +86,24 @@ def _pass_table(passes: list[dict]) -> str:
         ]
         lines.append("  " + "  ".join(cells) + "  " + r[-1])
     return "\n".join(lines)
+
+
+def _memory_plan_table(plans: dict) -> str:
+    """One row per phase: the shapes planned for, the arena (planned peak) against the live lower
+    bound and one allocation per buffer, and how many nodes were planned / left allocating."""
+    rows = []
+    for phase, p in plans.items():
+        sh = p.get("shapes", {})
+        shapes = f"T={sh.get('num_tokens')} B={sh.get('num_seqs')} kv={sh.get('kv_len')}"
+        rows.append((f"{phase} shapes", shapes))
+        if "error" in p:
+            rows.append((f"{phase} arena", f"not planned: {p['error']}"))
+            continue
+        arena, naive = p["arena_bytes"], p["naive_bytes"]
+        ratio = f" ({arena / naive:.0%} of naive)" if naive else ""
+        rows.append((f"{phase} arena", f"{_human_bytes(arena)}{ratio}"))
+        bound = _human_bytes(p["live_lower_bound_bytes"])
+        rows.append((f"{phase} naive / live bound", f"{_human_bytes(naive)} / {bound}"))
+        nodes = f"{p['planned']} planned, {p['inplace']} in place, {p['unplanned']} allocating"
+        rows.append((f"{phase} nodes", nodes))
+    return _table(rows, "memory plan (activation arena)")

@@ -21,6 +21,8 @@ from xllm_compile.errors import ConfigError
 from xllm_compile.hf import load_hf_config, stream_weights
 from xllm_compile.models import model_config_from_hf, rotary_tables
 from xllm_compile.passes import PassContext, PassManager, build_pipeline
+from xllm_compile.passes.base import PARAM_KINDS
+from xllm_compile.passes.memory_plan import plan_memory
 from xllm_compile.progress import progress
 from xllm_compile.trace import INPUT_NAMES, export_model, verify_inputs
 
@@ -54,7 +56,8 @@ def compile_model(cfg: CompileConfig) -> Path:
     hf_config = load_hf_config(model_dir)
     config = model_config_from_hf(hf_config)
     max_len = resolve_max_len(config, cfg.max_model_len)
-    parse_buckets(cfg.buckets, cfg.max_num_seqs, max_len)  # a bad --buckets fails before work
+    # a bad --buckets fails before any work
+    parse_buckets(cfg.buckets, cfg.max_num_seqs, max_len, cfg.max_num_tokens)
     with progress(total=2, desc="tracing", unit="step", show=cfg.show_progress) as bar:
         ep = export_model(config, cfg.torch_dtype, max_len, cfg.max_num_tokens, cfg.max_num_seqs)
         bar.update(2)
@@ -122,6 +125,36 @@ def optimize(ep, weights: dict, config: ModelConfig, cfg: CompileConfig, pipelin
     return pass_log
 
 
+def memory_plans(ep, weights: dict, config: ModelConfig, cfg: CompileConfig, max_len: int) -> dict:
+    """The activation arena of the largest decode bucket (max_num_seqs sequences of one token,
+    the KV view at max_model_len) and the largest prefill (max_num_tokens tokens of one
+    sequence): planned peak, naive sum, live lower bound and counts (passes/memory_plan.py).
+    A phase whose planning fails records the error instead (logged): the artifact still works,
+    it only lacks the numbers."""
+    params = [weights[s.target] for s in ep.graph_signature.input_specs if s.kind in PARAM_KINDS]
+    phases = {
+        "decode": (cfg.max_num_seqs, cfg.max_num_seqs, cfg.max_num_seqs),
+        "prefill": (cfg.max_num_tokens, 1, 1),
+    }
+    out = {}
+    for phase, (tokens, seqs, logits) in phases.items():
+        # meta tensors: the plan reads shapes only; [L, 2, S, M, Hkv, D] KV with a slot per seq
+        idx = [torch.empty(n, dtype=torch.int64, device="meta") for n in (tokens,) * 3]
+        idx += [torch.empty(n, dtype=torch.int64, device="meta") for n in (seqs,) * 3]
+        idx.append(torch.empty(logits, dtype=torch.int64, device="meta"))
+        kv_shape = (config.num_layers, 2, seqs, max_len, config.num_kv_heads, config.head_dim)
+        kv = torch.empty(kv_shape, dtype=cfg.torch_dtype, device="meta")
+        shapes = {"num_tokens": tokens, "num_seqs": seqs, "num_logits": logits, "kv_len": max_len}
+        try:
+            plan = plan_memory(ep.graph_module, [*params, *idx, kv])
+        except Exception as e:  # an analysis: never worth failing the compile over
+            log.warning("memory plan (%s) failed: %s: %s", phase, type(e).__name__, e)
+            out[phase] = {"shapes": shapes, "error": f"{type(e).__name__}: {e}"}
+            continue
+        out[phase] = {"shapes": shapes, **plan.summary()}
+    return out
+
+
 def _write(tmp_dir, model_dir, ep, weights, config, hf_config, cfg, max_len, pass_log) -> None:
     torch.export.save(ep, tmp_dir / artifact.PROGRAM)
     params = [spec.target for spec in ep.graph_signature.input_specs if spec.target in weights]
@@ -149,6 +182,7 @@ def _write(tmp_dir, model_dir, ep, weights, config, hf_config, cfg, max_len, pas
             if "tokenizer.json" in tokenizer_files
             else None,
             "passes": pass_log,
-            "buckets": parse_buckets(cfg.buckets, cfg.max_num_seqs, max_len),
+            "memory_plan": memory_plans(ep, weights, config, cfg, max_len),
+            "buckets": parse_buckets(cfg.buckets, cfg.max_num_seqs, max_len, cfg.max_num_tokens),
         },
     )

@@ -1,25 +1,361 @@
 // CPU kernels of the fused xllm:: ops, registered for the CPU dispatch key (they take over from
 // the Python reference implementations once this library is loaded; see kernels/cpu/__init__.py).
-// Each kernel rounds where the unfused ATen sequence rounds (activation dtype T, statistics in
-// fp32), so it matches the reference to within fp32 reduction order. Unusual inputs (mixed
-// dtypes, odd layouts) take an ATen composite path with the reference semantics.
+// Each kernel rounds where the unfused ATen sequence rounds (activation dtype T, statistics and
+// activations in fp32), so it matches the reference to within fp32 reduction order. Unusual
+// inputs (mixed dtypes, double, odd layouts) take an ATen composite path with the reference
+// semantics. Figures: tools/bench/bench_kernels.py.
 #include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>
+#include <ATen/Version.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+// The fused loops are written with at::vec::Vectorized<float>. A plain JIT build (-O3, no -m
+// flags) would get its generic scalar fallback, so on x86-64 GCC this section is compiled for
+// ATen's AVX512 set, in a namespace of its own (no inline symbol shared with libtorch's builds),
+// and runs only where ATen itself picked AVX512 (use_vec(); ATEN_CPU_CAPABILITY=avx2 turns it
+// off); elsewhere the ATen composites run. A build that defines CPU_CAPABILITY_* itself, and
+// other targets (aarch64: NEON), take what the build gives.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
+    !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+#define XLLM_AVX512_SECTION 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+#pragma GCC optimize("fp-contract=off")  // round each mul as ATen does (explicit fmadd aside)
+#define CPU_CAPABILITY_AVX512
+#define CPU_CAPABILITY xllm_avx512
+// HACK(jit-flags): `#pragma GCC target` does not define the ISA macros sleef.h (included by the
+// vec headers) tests to declare its AVX512 functions: defined for this section only. Remove the
+// section when kernels/cpu/__init__.py builds with the runtime capability's -m/-D flags.
+#define __AVX__ 1
+#define __AVX2__ 1
+#define __FMA__ 1
+#define __F16C__ 1
+#define __AVX512F__ 1
+#define __AVX512BW__ 1
+#define __AVX512VL__ 1
+#define __AVX512DQ__ 1
+#endif
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+namespace {
+namespace vec {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t kV = fVec::size();
+
+// n (<= kV) elements of T widened to fp32; the lanes past n read as 0.
+template <typename T>
+inline fVec load_f(const T* p, int64_t n = kV) {
+  if constexpr (std::is_same_v<T, float>) {
+    return n == kV ? fVec::loadu(p) : fVec::loadu(p, n);
+  } else {
+    if (n == kV) {
+      fVec out;
+      at::vec::load_to_float<T>(p, out);
+      return out;
+    }
+    return at::vec::convert<float>(at::vec::Vectorized<T>::loadu(p, n));
+  }
+}
+
+template <typename T>
+inline void store_t(T* p, const fVec& v, int64_t n = kV) {
+  if constexpr (std::is_same_v<T, float>) {
+    n == kV ? v.store(p) : v.store(p, n);
+  } else {
+    at::vec::convert<T>(v).store(p, n);  // converts only the kV lanes it stores
+  }
+}
+
+// v rounded to T and widened back: where the unfused sequence writes a T intermediate.
+template <typename T>
+inline fVec round_t(const fVec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      // round to nearest even on the fp32 bits (what the conversion does), without packing to
+      // 16 bits and back: half the instructions; NaN stays NaN
+      const __m512i bits = _mm512_castps_si512(v);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+      const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
+      const __m512i up = _mm512_add_epi32(bits, bias);
+      const __m512 r = _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(0xffff0000)));
+      return _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
+    }
+#endif
+    return at::vec::convert<float>(at::vec::convert<T>(v));
+  }
+}
+
+// Runs f(begin, end) over [0, rows) in chunks of at least `grain` rows on ATen's intra-op
+// threads. at::parallel_for is a header template over `omp parallel`, serial in a build without
+// -fopenmp (the JIT build's flags); TensorIterator::for_each runs it inside libtorch instead.
+template <typename F>
+void parallel_rows(int64_t rows, int64_t grain, const F& f) {
+#ifdef INTRA_OP_PARALLEL
+  at::parallel_for(0, rows, grain, f);
+#else
+  if (rows <= grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    f(0, rows);
+    return;
+  }
+  auto index = at::empty({rows}, at::kByte);  // one byte per row: a chunk's offset is its start
+  auto iter = at::TensorIteratorConfig()
+                  .add_output(index)
+                  .resize_outputs(false)
+                  .check_all_same_dtype(false)
+                  .build();
+  const char* base = static_cast<const char*>(index.const_data_ptr());
+  auto loop = [&](char** data, const int64_t*, int64_t n, int64_t) {
+    f(data[0] - base, data[0] - base + n);
+  };
+  iter.for_each(loop, grain);
+#endif
+}
+
+// Rows of `d`: out = T(w * T(x * rsqrt(mean(x^2) + eps))), statistics in fp32. With `res`, x is
+// first replaced by T(x + res), the sum written to `res_out` (the model's residual add rounds).
+template <typename T>
+void rms_rows(const T* x, const T* res, const T* w, T* out, T* res_out, int64_t rows, int64_t d,
+              float eps, int64_t grain) {
+  parallel_rows(rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * d;
+      fVec acc0(0.f), acc1(0.f);  // two chains: the adds of one would serialize on latency
+      int64_t i = 0;
+      if (res != nullptr) {
+        T* ro = res_out + r * d;
+        for (; i < d; i += kV) {
+          const int64_t n = std::min(kV, d - i);
+          fVec v = round_t<T>(load_f(xr + i, n) + load_f(res + r * d + i, n));
+          store_t(ro + i, v, n);
+          acc0 = at::vec::fmadd(v, v, acc0);
+        }
+        xr = ro;
+      } else {
+        for (; i + 2 * kV <= d; i += 2 * kV) {
+          fVec a = load_f(xr + i), b = load_f(xr + i + kV);
+          acc0 = at::vec::fmadd(a, a, acc0);
+          acc1 = at::vec::fmadd(b, b, acc1);
+        }
+        for (; i < d; i += kV) {
+          fVec a = load_f(xr + i, std::min(kV, d - i));
+          acc0 = at::vec::fmadd(a, a, acc0);
+        }
+      }
+      const float sum = at::vec::vec_reduce_all<float>(
+          [](fVec& a, fVec& b) { return a + b; }, acc0 + acc1);
+      const fVec inv(1.f / std::sqrt(sum / static_cast<float>(d) + eps));
+      T* o = out + r * d;
+      for (i = 0; i < d; i += kV) {
+        const int64_t n = std::min(kV, d - i);
+        store_t(o + i, load_f(w + i, n) * round_t<T>(load_f(xr + i, n) * inv), n);
+      }
+    }
+  });
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Sleef's expf (u10), which Vectorized<float>::exp calls out of line per 16 lanes: the same
+// operations in the same order (so the same bits), inlined so consecutive vectors overlap.
+inline fVec exp_u10(const fVec& x) {
+  const __m512 d = x;
+  const __m512 log2e = _mm512_set1_ps(1.442695040888963407359924681001892137f);
+  const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(d, log2e));  // exp(d) = 2^q * exp(s)
+  const __m512 qf = _mm512_cvtepi32_ps(q);
+  __m512 s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-0.693145751953125f), d);
+  s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-1.428606765330187045e-06f), s);
+  __m512 u = _mm512_set1_ps(0.000198527617612853646278381f);
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00139304355252534151077271f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00833336077630519866943359f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.0416664853692054748535156f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.166666671633720397949219f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.5f));
+  u = _mm512_add_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
+  const __m512i h = _mm512_srai_epi32(q, 1);  // u * 2^q as two factors: q may exceed 127
+  const __m512i bias = _mm512_set1_epi32(0x7f);
+  const __m512 p0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(h, bias), 23));
+  const __m512 p1 =
+      _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(q, h), bias), 23));
+  u = _mm512_mul_ps(_mm512_mul_ps(u, p0), p1);
+  u = _mm512_maskz_mov_ps(~_mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.f), _CMP_LT_OQ), u);
+  return _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(_mm512_set1_ps(100.f), d, _CMP_LT_OQ),
+                            _mm512_set1_ps(std::numeric_limits<float>::infinity()));
+}
+#else
+inline fVec exp_u10(const fVec& x) { return x.exp(); }
+#endif
+
+// Rows of n: out = T(T(silu(g)) * u), silu(g) = g / (1 + exp(-g)) in fp32 with ATen's vectorized
+// exp, exactly as ATen's silu computes it; one read of g and u, one write, no [T, I] temporary.
+template <typename T>
+void silu_mul_rows(const T* g, int64_t gs, const T* u, int64_t us, T* out, int64_t rows,
+                   int64_t n, int64_t grain) {
+  const fVec one(1.f);
+  parallel_rows(rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* gr = g + r * gs;
+      const T* ur = u + r * us;
+      T* o = out + r * n;
+      for (int64_t i = 0; i < n; i += kV) {
+        const int64_t m = std::min(kV, n - i);
+        const fVec x = load_f(gr + i, m);
+        const fVec silu = round_t<T>(x / (one + exp_u10(x.neg())));
+        store_t(o + i, silu * load_f(ur + i, m), m);
+      }
+    }
+  });
+}
+
+// One of q, k: [T, heads, D] with a unit inner stride (a view of the merged qkv output).
+template <typename T>
+struct Heads {
+  const T* x;
+  T* out;  // contiguous [T, heads, D]
+  int64_t heads, stride_t, stride_h;
+};
+
+// The angle tables of one token, widened to fp32 and split the way the rotation pairs
+// elements: rotate-half pairs (i, i + D/2), interleaved pairs (2i, 2i + 1). "lo" is the first
+// element of each pair, "hi" the second. Half-width tables (one angle per pair) serve both.
+template <typename T>
+void widen_tables(const T* c, const T* s, int64_t width, int64_t half, bool is_neox, float* tab) {
+  float *c_lo = tab, *c_hi = tab + half, *s_lo = tab + 2 * half, *s_hi = tab + 3 * half;
+  for (int64_t j = 0; j < half; j += kV) {
+    const int64_t m = std::min(kV, half - j);
+    fVec clo, chi, slo, shi;
+    if (width == half) {
+      clo = chi = load_f(c + j, m);
+      slo = shi = load_f(s + j, m);
+    } else if (is_neox) {
+      clo = load_f(c + j, m), chi = load_f(c + half + j, m);
+      slo = load_f(s + j, m), shi = load_f(s + half + j, m);
+    } else {
+      const int64_t m0 = std::min(kV, 2 * m), m1 = 2 * m - m0;  // 2m elements
+      const T *c2 = c + 2 * j, *s2 = s + 2 * j;
+      std::tie(clo, chi) = at::vec::deinterleave2(load_f(c2, m0), load_f(c2 + kV, m1));
+      std::tie(slo, shi) = at::vec::deinterleave2(load_f(s2, m0), load_f(s2 + kV, m1));
+    }
+    clo.store(c_lo + j, m), chi.store(c_hi + j, m), slo.store(s_lo + j, m), shi.store(s_hi + j, m);
+  }
+}
+
+// out_lo = T(T(x_lo * cos_lo) - T(x_hi * sin_lo)), out_hi = T(T(x_hi * cos_hi) + T(x_lo * sin_hi)):
+// what x * cos + rotate(x) * sin rounds to (rotate negates x_hi exactly).
+template <typename T>
+void rotate_head(const T* x, T* o, const float* tab, int64_t half, bool is_neox) {
+  for (int64_t j = 0; j < half; j += kV) {
+    const int64_t m = std::min(kV, half - j);
+    const fVec c_lo = fVec::loadu(tab + j, m), c_hi = fVec::loadu(tab + half + j, m);
+    const fVec s_lo = fVec::loadu(tab + 2 * half + j, m);
+    const fVec s_hi = fVec::loadu(tab + 3 * half + j, m);
+    const int64_t m0 = std::min(kV, 2 * m), m1 = 2 * m - m0;  // interleaved: 2m elements
+    fVec lo, hi;
+    if (is_neox) {
+      lo = load_f(x + j, m), hi = load_f(x + half + j, m);
+    } else {
+      std::tie(lo, hi) = at::vec::deinterleave2(load_f(x + 2 * j, m0), load_f(x + 2 * j + kV, m1));
+    }
+    const fVec out_lo = round_t<T>(round_t<T>(lo * c_lo) - round_t<T>(hi * s_lo));
+    const fVec out_hi = round_t<T>(round_t<T>(hi * c_hi) + round_t<T>(lo * s_hi));
+    if (is_neox) {
+      store_t(o + j, out_lo, m), store_t(o + half + j, out_hi, m);
+    } else {
+      const auto [a, b] = at::vec::interleave2(out_lo, out_hi);
+      store_t(o + 2 * j, a, m0);
+      if (m1 > 0) store_t(o + 2 * j + kV, b, m1);
+    }
+  }
+}
+
+// q and k of each token in one pass; cos/sin rows [width] (D, or D/2: one angle per pair).
+template <typename T>
+void rotary_tokens(Heads<T> q, Heads<T> k, const T* cos, const T* sin, int64_t cs_stride,
+                   int64_t width, int64_t tokens, int64_t d, bool is_neox, int64_t grain) {
+  const int64_t half = d / 2;
+  parallel_rows(tokens, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> tab(4 * half);
+    for (int64_t t = begin; t < end; ++t) {
+      widen_tables(cos + t * cs_stride, sin + t * cs_stride, width, half, is_neox, tab.data());
+      for (const Heads<T>& x : {q, k}) {
+        for (int64_t h = 0; h < x.heads; ++h) {
+          rotate_head(x.x + t * x.stride_t + h * x.stride_h, x.out + (t * x.heads + h) * d,
+                      tab.data(), half, is_neox);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace vec
+}  // namespace
+
+#ifdef XLLM_AVX512_SECTION
+#undef __AVX__
+#undef __AVX2__
+#undef __FMA__
+#undef __F16C__
+#undef __AVX512F__
+#undef __AVX512BW__
+#undef __AVX512VL__
+#undef __AVX512DQ__
+#pragma GCC pop_options
+#endif
 
 namespace {
 
-// Rows of at most this many elements are grouped per parallel task: decode (T=1..8) stays on
-// one thread, where a fork/join would cost more than the work.
-constexpr int64_t kGrainElems = 1 << 14;
+// Each parallel task gets at least this many elements: on 2 threads the fork/join (~5 us) pays
+// off from ~10 us of work, which is ~16k elements of silu (0.5-0.8 ns each), ~32k of the norms
+// and rotary (0.2-0.5 ns each). So norms and rotary of up to 32 tokens at hidden 896 run on one
+// thread, silu_and_mul from 4 tokens at intermediate 4864 on two.
+constexpr int64_t kGrainSilu = 1 << 14;
+constexpr int64_t kGrainRows = 1 << 15;
 
-// Above this many elements the scalar loops below lose to ATen's vectorized kernels (measured:
-// rms_norm 2x slower at [128, 896]), so large (prefill) inputs take the ATen composite path,
-// still without the Python dispatch per op. Decode sizes ([1..8, 896]) win 2-5x.
-constexpr int64_t kMaxDirectElems = 1 << 15;
+// Whether the vectorized loops run (see the vec section): with a generic (scalar) at::vec on
+// x86 ATen's own kernels are faster, and the AVX512 section needs an AVX512 CPU.
+bool use_vec() {
+#if defined(XLLM_AVX512_SECTION)
+  static const bool avx512 = at::get_cpu_capability() == "AVX512";
+  return avx512;
+#elif defined(__x86_64__) && !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+  return false;
+#else
+  return true;
+#endif
+}
 
-int64_t grain(int64_t row) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(row, 1)); }
+// Rows of `row` elements per parallel task.
+int64_t grain(int64_t grain_elems, int64_t row) {
+  return std::max<int64_t>(1, grain_elems / std::max<int64_t>(row, 1));
+}
+
+// Calls f(T{}) for the dtypes the vectorized loops take (fp32 compute); false for the others.
+template <typename F>
+bool dispatch_vec(at::ScalarType dtype, const F& f) {
+  switch (dtype) {
+    case at::kFloat:
+      f(float{});
+      return true;
+    case at::kBFloat16:
+      f(at::BFloat16{});
+      return true;
+    case at::kHalf:
+      f(at::Half{});
+      return true;
+    default:
+      return false;
+  }
+}
 
 at::Tensor rms_norm_composite(const at::Tensor& x, const at::Tensor& w, double eps) {
   auto x32 = x.to(at::kFloat);
@@ -29,60 +365,27 @@ at::Tensor rms_norm_composite(const at::Tensor& x, const at::Tensor& w, double e
 
 bool plain(const at::Tensor& x, const at::Tensor& w) {
   return x.scalar_type() == w.scalar_type() && w.dim() == 1 && x.dim() >= 1 &&
-         w.size(0) == x.size(-1) && x.size(-1) > 0;
-}
-
-// y = w * T(x * rsqrt(mean(x^2) + eps)), x read in fp32; `res` (optional) is added first and the
-// sum (rounded to T, as the model's add rounds it) is written to `res_out`.
-template <typename T>
-void rms_rows(const T* x, const T* res, const T* w, T* out, T* res_out, int64_t rows, int64_t d,
-              float eps) {
-  at::parallel_for(0, rows, grain(d), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* xr = x + r * d;
-      T* o = out + r * d;
-      float acc = 0.f;
-      if (res != nullptr) {
-        const T* rr = res + r * d;
-        T* ro = res_out + r * d;
-        for (int64_t i = 0; i < d; ++i) {
-          ro[i] = static_cast<T>(static_cast<float>(xr[i]) + static_cast<float>(rr[i]));
-          float v = static_cast<float>(ro[i]);
-          acc += v * v;
-        }
-        xr = ro;
-      } else {
-        for (int64_t i = 0; i < d; ++i) {
-          float v = static_cast<float>(xr[i]);
-          acc += v * v;
-        }
-      }
-      const float inv = 1.f / std::sqrt(acc / static_cast<float>(d) + eps);
-      for (int64_t i = 0; i < d; ++i) {
-        T normed = static_cast<T>(static_cast<float>(xr[i]) * inv);
-        o[i] = static_cast<T>(static_cast<float>(w[i]) * static_cast<float>(normed));
-      }
-    }
-  });
+         w.size(0) == x.size(-1) && x.size(-1) > 0 && use_vec();
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
-  if (!plain(x, w) || x.numel() > kMaxDirectElems) return rms_norm_composite(x, w, eps);
+  if (!plain(x, w)) return rms_norm_composite(x, w, eps);
   auto xc = x.contiguous();
   auto wc = w.contiguous();
   auto out = at::empty_like(xc);
   const int64_t d = x.size(-1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
-    rms_rows<scalar_t>(xc.data_ptr<scalar_t>(), nullptr, wc.data_ptr<scalar_t>(),
-                       out.data_ptr<scalar_t>(), nullptr, xc.numel() / d, d, eps);
+  const bool done = dispatch_vec(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    vec::rms_rows<T>(xc.data_ptr<T>(), nullptr, wc.data_ptr<T>(), out.data_ptr<T>(), nullptr,
+                     xc.numel() / d, d, eps, grain(kGrainRows, d));
   });
-  return out;
+  return done ? out : rms_norm_composite(x, w, eps);
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const at::Tensor& res,
                                                       const at::Tensor& w, double eps) {
   if (!plain(x, w) || res.sizes() != x.sizes() || res.scalar_type() != x.scalar_type() ||
-      x.numel() > kMaxDirectElems) {
+      x.scalar_type() == at::kDouble) {
     auto new_res = x + res;
     return {rms_norm_composite(new_res, w, eps), new_res};
   }
@@ -92,72 +395,88 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const
   auto out = at::empty_like(xc);
   auto res_out = at::empty_like(xc);
   const int64_t d = x.size(-1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_add", [&] {
-    rms_rows<scalar_t>(xc.data_ptr<scalar_t>(), rc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
-                       out.data_ptr<scalar_t>(), res_out.data_ptr<scalar_t>(), xc.numel() / d,
-                       d, eps);
+  dispatch_vec(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    vec::rms_rows<T>(xc.data_ptr<T>(), rc.data_ptr<T>(), wc.data_ptr<T>(), out.data_ptr<T>(),
+                     res_out.data_ptr<T>(), xc.numel() / d, d, eps, grain(kGrainRows, d));
   });
   return {out, res_out};
 }
 
-// silu then an in-place multiply: ATen's vectorized kernels (a scalar exp loop measured 3x slower
-// than ATen's at I=4864), minus the Python dispatch per op and one [T, I] temporary.
+// gate and up are usually the two halves of the merged gate_up matmul: [T, I] views with row
+// stride 2I, read in place.
 at::Tensor silu_and_mul(const at::Tensor& gate, const at::Tensor& up) {
-  auto out = at::silu(gate);
-  if (out.sizes() != up.sizes() || out.scalar_type() != up.scalar_type()) return out * up;
-  return out.mul_(up);
-}
-
-at::Tensor rotate_composite(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  const int64_t half = x.size(-1) / 2;
-  auto rot = at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
-  return x * cos + rot * sin;
-}
-
-// out = T(x * cos) + T(rotate_half(x) * sin), x [T, H, D] with a unit inner stride, cos/sin
-// [T, 1, D] contiguous: one read of x, one write of out.
-at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  const bool ok = x.dim() == 3 && x.stride(2) == 1 && x.size(2) % 2 == 0 && cos.dim() == 3 &&
-                  cos.sizes() == sin.sizes() && cos.size(0) == x.size(0) && cos.size(1) == 1 &&
-                  cos.size(2) == x.size(2) && cos.scalar_type() == x.scalar_type() &&
-                  sin.scalar_type() == x.scalar_type() && x.numel() <= kMaxDirectElems;
-  if (!ok) return rotate_composite(x, cos, sin);
-  auto c = cos.contiguous();
-  auto s = sin.contiguous();
-  auto out = at::empty(x.sizes(), x.options());
-  const int64_t tokens = x.size(0), heads = x.size(1), d = x.size(2), half = d / 2;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rotary", [&] {
-    using T = scalar_t;
-    const T* xp = x.data_ptr<T>();
-    const T* cp = c.data_ptr<T>();
-    const T* sp = s.data_ptr<T>();
-    T* op = out.data_ptr<T>();
-    const int64_t st = x.stride(0), sh = x.stride(1);
-    auto mul = [](T a, T b) { return static_cast<float>(static_cast<T>(
-                                  static_cast<float>(a) * static_cast<float>(b))); };
-    at::parallel_for(0, tokens * heads, grain(d), [&](int64_t begin, int64_t end) {
-      for (int64_t th = begin; th < end; ++th) {
-        const int64_t t = th / heads, h = th % heads;
-        const T* xr = xp + t * st + h * sh;
-        const T* cr = cp + t * d;
-        const T* sr = sp + t * d;
-        T* o = op + th * d;
-        for (int64_t i = 0; i < half; ++i) {
-          o[i] = static_cast<T>(mul(xr[i], cr[i]) + mul(static_cast<T>(-static_cast<float>(
-                                                            xr[i + half])), sr[i]));
-          o[i + half] = static_cast<T>(mul(xr[i + half], cr[i + half]) +
-                                       mul(xr[i], sr[i + half]));
-        }
-      }
-    });
+  const auto dtype = gate.scalar_type();
+  if (gate.sizes() != up.sizes() || up.scalar_type() != dtype || gate.dim() == 0 ||
+      gate.numel() == 0 || dtype == at::kDouble || !use_vec()) {
+    return at::silu(gate) * up;
+  }
+  const int64_t n = gate.size(-1);
+  // [rows, n]: a view whenever the leading dims allow one (2-D: as it is, saving ~0.1 us each)
+  auto g = gate.dim() == 2 ? gate : gate.reshape({-1, n});
+  auto u = up.dim() == 2 ? up : up.reshape({-1, n});
+  if (g.stride(1) != 1) g = g.contiguous();
+  if (u.stride(1) != 1) u = u.contiguous();
+  auto out = at::empty(gate.sizes(), gate.options());
+  const bool done = dispatch_vec(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    vec::silu_mul_rows<T>(g.data_ptr<T>(), g.stride(0), u.data_ptr<T>(), u.stride(0),
+                          out.data_ptr<T>(), g.size(0), n, grain(kGrainSilu, n));
   });
-  return out;
+  return done ? out : at::silu(gate) * up;
+}
+
+// Tables of width D/2 hold one angle per rotated pair: widen them to D the way the pairs lie
+// (any other width, D or 1, broadcasts as it is).
+at::Tensor widen(const at::Tensor& table, int64_t d, bool is_neox) {
+  if (d % 2 != 0 || table.size(-1) != d / 2) return table;
+  return is_neox ? at::cat({table, table}, -1) : at::stack({table, table}, -1).flatten(-2);
+}
+
+// x * cos + rotate(x) * sin; rotate-half (is_neox) or interleaved (GPT-J) pairs.
+at::Tensor rotate_composite(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                            bool is_neox) {
+  const int64_t d = x.size(-1), half = d / 2;
+  auto rot = is_neox ? at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1)
+                     : at::stack({-x.slice(-1, 1, d, 2), x.slice(-1, 0, d, 2)}, -1).flatten(-2);
+  return x * widen(cos, d, is_neox) + rot * widen(sin, d, is_neox);
+}
+
+// q [T, H, D] and k [T, Hkv, D] with unit inner strides (views of the merged qkv output) and
+// [T, 1, D or D/2] tables, all of one dtype.
+bool rotary_plain(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                  const at::Tensor& sin) {
+  const auto dtype = q.scalar_type();
+  if (q.dim() != 3 || k.dim() != 3 || cos.dim() != 3 || k.scalar_type() != dtype ||
+      cos.scalar_type() != dtype || sin.scalar_type() != dtype || dtype == at::kDouble) {
+    return false;
+  }
+  const int64_t tokens = q.size(0), d = q.size(2);
+  return d > 0 && d % 2 == 0 && k.size(0) == tokens && k.size(2) == d && q.stride(2) == 1 &&
+         k.stride(2) == 1 && cos.sizes() == sin.sizes() && cos.size(0) == tokens &&
+         cos.size(1) == 1 && (cos.size(2) == d || cos.size(2) == d / 2) &&
+         use_vec();
 }
 
 std::tuple<at::Tensor, at::Tensor> rotary_embedding(const at::Tensor& q, const at::Tensor& k,
-                                                    const at::Tensor& cos,
-                                                    const at::Tensor& sin) {
-  return {rotate(q, cos, sin), rotate(k, cos, sin)};
+                                                    const at::Tensor& cos, const at::Tensor& sin,
+                                                    bool is_neox) {
+  if (!rotary_plain(q, k, cos, sin)) {
+    return {rotate_composite(q, cos, sin, is_neox), rotate_composite(k, cos, sin, is_neox)};
+  }
+  auto c = cos.contiguous();
+  auto s = sin.contiguous();
+  auto q_out = at::empty(q.sizes(), q.options());
+  auto k_out = at::empty(k.sizes(), k.options());
+  const int64_t tokens = q.size(0), d = q.size(2), width = c.size(2);
+  dispatch_vec(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    vec::Heads<T> qh{q.data_ptr<T>(), q_out.data_ptr<T>(), q.size(1), q.stride(0), q.stride(1)};
+    vec::Heads<T> kh{k.data_ptr<T>(), k_out.data_ptr<T>(), k.size(1), k.stride(0), k.stride(1)};
+    vec::rotary_tokens<T>(qh, kh, c.data_ptr<T>(), s.data_ptr<T>(), width, width, tokens, d,
+                          is_neox, grain(kGrainRows, (q.size(1) + k.size(1)) * d));
+  });
+  return {q_out, k_out};
 }
 
 // xllm::store_kv: this step's K/V into the cache at (slot, position), in place.

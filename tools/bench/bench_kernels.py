@@ -1,91 +1,124 @@
 """Microbenchmark of each fused `xllm::` op's CPU kernel against the unfused ATen sequence it
-replaces (what torch.export traced from the model), same inputs, same run.
+replaces (what torch.export traced from the model, run op by op), same inputs, same run.
 
-    python -m xllm_compile.tools.bench.bench_kernels --tokens 1 8 128 --dtype float32 bfloat16
+    python -m xllm_compile.tools.bench.bench_kernels --model smollm2 qwen2.5 \\
+        --tokens 1 8 32 128 512 2048 --dtype float32 bfloat16
 
-Shapes default to Qwen2.5-0.5B (hidden 896, 14/2 heads of 64, intermediate 4864). Each op is
-timed through `torch.ops.xllm.*` (the call the compiled graph makes, dispatcher included).
+Inputs are laid out as the compiled graph passes them: gate/up are the two halves of the merged
+gate_up matmul output [T, 2I], q/k views of the merged qkv output, cos/sin [T, 1, D] gathered by
+position. Each fused op is timed through `torch.ops.xllm.<op>.default` (the call the graph
+makes, dispatcher included); the unfused sequence through eager torch calls, the cheapest way to
+run it from Python (the graph's `torch.ops.aten.*` calls cost ~0.3-0.6 us more per op).
+"rotary_interleaved" is the GPT-J pairing (is_neox=False).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import xllm_compile.kernels  # noqa: F401  (registers torch.ops.xllm.*)
 from xllm_compile.kernels.cpu import ensure_loaded
 from xllm_compile.kernels.fused_add_rms_norm import fused_add_rms_norm_ref
 from xllm_compile.kernels.rms_norm import rms_norm_ref
-from xllm_compile.kernels.rotary_embedding import rotary_embedding_ref
-from xllm_compile.kernels.silu_and_mul import silu_and_mul_ref
+from xllm_compile.kernels.rotary_embedding import rotate_half, rotate_interleaved
+
+
+@dataclass(frozen=True)
+class Shapes:
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 64
+
+
+MODELS = {
+    "smollm2": Shapes(576, 1536, 9, 3),  # SmolLM2-135M
+    "qwen2.5": Shapes(896, 4864, 14, 2),  # Qwen2.5-0.5B
+}
+OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding", "rotary_interleaved")
 
 
 def _us(fn, min_time: float = 0.05, repeats: int = 5) -> float:
-    for _ in range(20):
+    for _ in range(5):
         fn()
     best = float("inf")
     for _ in range(repeats):  # best of: other processes on the machine only ever add time
         n, start = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - start) < min_time:
-            for _ in range(20):
+            for _ in range(5):
                 fn()
-            n += 20
+            n += 5
         best = min(best, 1e6 * elapsed / n)
     return best
 
 
-def cases(tokens: int, dtype: torch.dtype, hidden: int, inter: int, heads: int, kv_heads: int):
-    """name -> (fused call, unfused call)."""
+def cases(tokens: int, dtype: torch.dtype, s: Shapes) -> dict:
+    """op name -> (fused call, unfused call)."""
     g = torch.Generator().manual_seed(0)
-    rand = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
-    x, res, w = rand(tokens, hidden), rand(tokens, hidden), rand(hidden)
-    gate, up = rand(tokens, inter), rand(tokens, inter)
-    q, k = rand(tokens, heads, 64), rand(tokens, kv_heads, 64)
-    cos, sin = rand(tokens, 1, 64), rand(tokens, 1, 64)
-    ops = torch.ops.xllm
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
+    x, res, w = rand(tokens, s.hidden_size), rand(tokens, s.hidden_size), rand(s.hidden_size)
+    inter = s.intermediate_size
+    gate_up = rand(tokens, 2 * inter)  # merged gate_up output; gate and up are strided halves
+    gate, up = gate_up[:, :inter], gate_up[:, inter:]
+    heads, kv_heads, d = s.num_heads, s.num_kv_heads, s.head_dim
+    qkv = rand(tokens, (heads + 2 * kv_heads) * d)  # merged qkv output
+    q = qkv[:, : heads * d].view(tokens, heads, d)  # [T, H, D]
+    k = qkv[:, heads * d : (heads + kv_heads) * d].view(tokens, kv_heads, d)  # [T, Hkv, D]
+    cos, sin = rand(tokens, 1, d), rand(tokens, 1, d)  # [T, 1, D]
+    rms, add_rms = torch.ops.xllm.rms_norm.default, torch.ops.xllm.fused_add_rms_norm.default
+    silu_mul, rotary = torch.ops.xllm.silu_and_mul.default, torch.ops.xllm.rotary_embedding.default
+
+    def rope(rotate):
+        return lambda: (q * cos + rotate(q) * sin, k * cos + rotate(k) * sin)
+
     return {
-        "rms_norm": (
-            lambda: ops.rms_norm(x, w, 1e-6),
-            lambda: rms_norm_ref(x, w, 1e-6),
-        ),
+        "rms_norm": (lambda: rms(x, w, 1e-6), lambda: rms_norm_ref(x, w, 1e-6)),
         "fused_add_rms_norm": (
-            lambda: ops.fused_add_rms_norm(x, res, w, 1e-6),
+            lambda: add_rms(x, res, w, 1e-6),
             lambda: fused_add_rms_norm_ref(x, res, w, 1e-6),
         ),
-        "silu_and_mul": (
-            lambda: ops.silu_and_mul(gate, up),
-            lambda: silu_and_mul_ref(gate, up),
-        ),
-        "rotary_embedding": (
-            lambda: ops.rotary_embedding(q, k, cos, sin),
-            lambda: rotary_embedding_ref(q, k, cos, sin),
+        "silu_and_mul": (lambda: silu_mul(gate, up), lambda: F.silu(gate) * up),
+        "rotary_embedding": (lambda: rotary(q, k, cos, sin), rope(rotate_half)),
+        "rotary_interleaved": (
+            lambda: rotary(q, k, cos, sin, False),
+            rope(rotate_interleaved),
         ),
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 128])
+    p.add_argument("--model", nargs="+", choices=sorted(MODELS), default=["qwen2.5"])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048])
     p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
-    p.add_argument("--hidden", type=int, default=896)
-    p.add_argument("--intermediate", type=int, default=4864)
-    p.add_argument("--heads", type=int, nargs=2, default=[14, 2], metavar=("H", "HKV"))
+    p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     args = p.parse_args(argv)
     why_not = ensure_loaded()
     kernel = "C++ CPU kernels" if why_not is None else f"reference ({why_not})"
-    print(f"threads {torch.get_num_threads()}  fused: {kernel}")
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(f"threads {torch.get_num_threads()}  capability {capability}")
+    print(f"fused: {kernel}")
     print("us per call, best of 5; ratio = fused / unfused (below 1: the fused op is faster)")
-    print(f"{'op':>20} {'dtype':>9} {'T':>5} {'fused':>9} {'unfused':>9} {'ratio':>7}")
+    print(f"{'op':>18} {'model':>8} {'dtype':>9} {'T':>5} {'fused':>9} {'unfused':>9} {'ratio':>6}")
     with torch.inference_mode():
-        for dtype_name in args.dtype:
-            for t in args.tokens:
-                dtype = getattr(torch, dtype_name)
-                table = cases(t, dtype, args.hidden, args.intermediate, *args.heads)
-                for name, (fused, unfused) in table.items():
-                    a, b = _us(fused), _us(unfused)
-                    print(f"{name:>20} {dtype_name:>9} {t:>5} {a:>9.1f} {b:>9.1f} {a / b:>6.2f}x")
+        for name in args.ops:
+            for model in args.model:
+                for dtype_name in args.dtype:
+                    for t in args.tokens:
+                        table = cases(t, getattr(torch, dtype_name), MODELS[model])
+                        fused, unfused = table[name]
+                        a, b = _us(fused), _us(unfused)
+                        print(
+                            f"{name:>18} {model:>8} {dtype_name:>9} {t:>5} "
+                            f"{a:>9.1f} {b:>9.1f} {a / b:>5.2f}x",
+                            flush=True,
+                        )
 
 
 if __name__ == "__main__":
