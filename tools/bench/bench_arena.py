@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 
-from xllm_compile.cli import compile_main
 from xllm_compile.runtime import load
 from xllm_compile.runtime.arena import build_arena_runner, make_arena
 from xllm_compile.runtime.sampler import SamplingParams
 from xllm_compile.runtime.sequence import Sequence
-from xllm_compile.tools.bench.bench_decode import PRESETS, make_preset
+from xllm_compile.tools.bench.bench_decode import PRESETS, compile_for_bench, make_preset
 
 
 def _mib(n: int) -> str:
@@ -106,21 +105,14 @@ def main(argv: list[str] | None = None) -> None:
         art = Path(tmp) / "art"
         max_len = max(args.context + 2, *args.prefill) + 1
         max_seqs = max(args.batch)
-        compile_main(
-            [
-                str(model_dir),
-                "--out",
-                str(art),
-                "--dtype",
-                args.dtype,
-                "--quiet",
-                "--max-model-len",
-                str(max_len),
-                "--max-num-seqs",
-                str(max_seqs),
-                "--max-num-tokens",
-                str(max(args.prefill)),
-            ]
+        compile_for_bench(
+            model_dir,
+            art,
+            args.dtype,
+            max_len,
+            max_seqs,
+            "--max-num-tokens",
+            str(max(args.prefill)),
         )
         engine = load(art, max_num_seqs=max_seqs, kv_cache="contiguous")
         print(

@@ -53,6 +53,16 @@ def make_preset(name: str, out: Path) -> Path:
     return out
 
 
+def compile_for_bench(
+    model_dir: Path, out: Path, dtype: str, max_len: int, max_seqs: int, *extra: str
+) -> Path:
+    """Compile `model_dir` quietly into `out` for a benchmark (shared by this folder's scripts)."""
+    args = [str(model_dir), "--out", str(out), "--dtype", dtype, "--quiet"]
+    args += ["--max-model-len", str(max_len), "--max-num-seqs", str(max_seqs), *extra]
+    compile_main(args)
+    return out
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -257,21 +267,8 @@ def main(argv: list[str] | None = None) -> None:
         model_dir = _model_dir(args, Path(tmp))
         art = Path(tmp) / "art"
         max_len = str(args.prompt_len + args.steps + 16)
-        compile_main(
-            [
-                str(model_dir),
-                "--out",
-                str(art),
-                "--dtype",
-                args.dtype,
-                "--quiet",
-                "--max-model-len",
-                max_len,
-                "--max-num-seqs",
-                str(max(args.batch)),
-                "--device",
-                args.device,
-            ]
+        compile_for_bench(
+            model_dir, art, args.dtype, int(max_len), max(args.batch), "--device", args.device
         )
         print(
             f"model {args.gguf or args.model or args.preset}  dtype {args.dtype}"

@@ -16,12 +16,16 @@ from pathlib import Path
 
 import torch
 
-from xllm_compile.cli import compile_main
 from xllm_compile.runtime import load
 from xllm_compile.runtime.graph_cache import attach_graph_cache
 from xllm_compile.runtime.sampler import SamplingParams
 from xllm_compile.runtime.sequence import Sequence
-from xllm_compile.tools.bench.bench_decode import PRESETS, make_preset, time_decode
+from xllm_compile.tools.bench.bench_decode import (
+    PRESETS,
+    compile_for_bench,
+    make_preset,
+    time_decode,
+)
 
 
 @torch.inference_mode()
@@ -51,7 +55,7 @@ def dispatch_us(cache, batch: int, n: int = 2000) -> float:
     start = time.perf_counter()
     for _ in range(n):
         cache.key_for(batch, max(rows[5]))
-        entry.inputs.copy_(cache._pad(rows, key[1]), non_blocking=True)
+        entry.buffer.copy_(cache._pad(rows, key), non_blocking=True)
     return 1e6 * (time.perf_counter() - start) / n
 
 
@@ -70,21 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         model_dir = Path(args.model) if args.model else make_preset(args.preset, Path(tmp) / "m")
         art = Path(tmp) / "art"
         max_len = args.prompt_len + args.steps + 8
-        compile_main(
-            [
-                str(model_dir),
-                "--out",
-                str(art),
-                "--dtype",
-                args.dtype,
-                "--quiet",
-                "--device",
-                args.device,
-                "--max-model-len",
-                str(max_len),
-                "--max-num-seqs",
-                str(max(args.batch) + 1),
-            ]
+        compile_for_bench(
+            model_dir, art, args.dtype, max_len, max(args.batch) + 1, "--device", args.device
         )
         print(
             f"model {args.model or args.preset}  dtype {args.dtype}  device {args.device}  "
