@@ -5,7 +5,8 @@ there (ATen `.out` overloads) instead of allocating.
 For the graph cache, one call per bucket entry:
 
     arena = Arena(pool)                       # or make_arena("cpu"): a pool of its own
-    program, plan = build_arena_runner(graph_module, (*params, *inputs, kv_view), arena)
+    plan = plan_memory(graph_module, (*params, *inputs, kv_view))  # passes/: at compile time
+    program = build_arena_runner(graph_module, plan, arena)
     (logits,) = program(*params, *inputs, kv_view)   # same call as graph_module's
 
 `program` is a plain fx.GraphModule (generated `forward`, nothing interpreted per node), as fast
@@ -19,9 +20,8 @@ token count) are the bucket's, and raises ValueError otherwise: a larger input w
 written past its slot. Nodes without an `.out` overload (the `xllm::` ops, multi-output ops) keep
 allocating, as counted by `plan.num_unplanned`.
 
-`arena_program` takes a plan made anywhere; `build_arena_runner` plans on the spot and so is the
-one runtime call that imports passes/memory_plan.py (a graph analysis over torch.fx, no model
-code), lazily.
+The runtime never plans (it imports nothing from passes/, per DESIGN's layering): the plan
+comes from passes/memory_plan.py, run by the compile driver, a tool or a test.
 
 The arena reserves virtual address space once (default: enough for every page of the pool) and
 maps pages on demand, so it works unchanged on the CPU memfd pool and the CUDA VMM pool. Pages
@@ -154,21 +154,15 @@ def arena_program(graph_module: fx.GraphModule, plan, arena: Arena) -> fx.GraphM
     return program
 
 
-def build_arena_runner(graph_module: fx.GraphModule, example_args, arena: Arena):
-    """Plan `graph_module` for the shapes of `example_args` (all placeholders: weights, inputs,
-    KV view; real or meta tensors), grow `arena` to the plan and build the arena program.
+def build_arena_runner(graph_module: fx.GraphModule, plan, arena: Arena) -> fx.GraphModule:
+    """Grow `arena` to `plan` (a passes.memory_plan.MemoryPlan for the shapes the program will
+    be called with, made at compile time or by the caller) and build the arena program.
 
-    Returns:
-        (program, plan): program takes the same arguments as graph_module; plan is the
-        MemoryPlan (arena_bytes, counts, guards).
     Raises:
         PoolExhaustedError: the arena's pool cannot map the plan's pages.
     """
-    from xllm_compile.passes.memory_plan import plan_memory
-
-    plan = plan_memory(graph_module, example_args)
     arena.fit(plan.arena_bytes)
-    return arena_program(graph_module, plan, arena), plan
+    return arena_program(graph_module, plan, arena)
 
 
 def check_sizes(inputs: tuple, expected: tuple) -> None:

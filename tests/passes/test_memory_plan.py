@@ -202,7 +202,8 @@ def test_arena_program_on_a_small_graph_is_exact_and_in_place():
     inputs = [torch.randn(T, D), torch.randn(D, D), torch.randn(T, D)]
     arena = make_arena("cpu", capacity=1 << 20)
     try:
-        program, plan = build_arena_runner(gm, inputs, arena)
+        plan = plan_memory(gm, inputs)
+        program = build_arena_runner(gm, plan, arena)
         assert plan.num_inplace == 2
         expected = gm(*inputs)
         got = program(*inputs)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from xllm_compile.passes.graph_utils import count_ops
+from xllm_compile.passes.memory_plan import plan_memory
 from xllm_compile.runtime import load
 from xllm_compile.runtime.arena import Arena, build_arena_runner, make_arena
 from xllm_compile.runtime.page_pool import PoolExhaustedError, make_page_pool
@@ -102,7 +103,8 @@ def test_arena_program_is_bit_identical(family_models, family):
         seqs = _prefill(engine, [[3, 5, 7], [11, 13], [17, 19, 23, 29], [31]])
         decode = _inputs(engine, seqs)
         kv_view = kv[:, :, :, :64]
-        dec_program, dec_plan = build_arena_runner(gm, (*params, *decode, kv_view), arena)
+        dec_plan = plan_memory(gm, (*params, *decode, kv_view))
+        dec_program = build_arena_runner(gm, dec_plan, arena)
         dec_plan.check()
         attrs = [n for n in dec_program.graph.nodes if n.op == "get_attr"]
         assert len(attrs) == dec_plan.num_planned  # one arena view per planned node
@@ -121,7 +123,8 @@ def test_arena_program_is_bit_identical(family_models, family):
         for seq in fresh:
             seq.slot = engine.kv_cache.allocate(16)
         prefill = _inputs(engine, fresh, all_logits=True)
-        pre_program, pre_plan = build_arena_runner(gm, (*params, *prefill, kv), arena)
+        pre_plan = plan_memory(gm, (*params, *prefill, kv))
+        pre_program = build_arena_runner(gm, pre_plan, arena)
         assert pre_plan.arena_bytes > dec_plan.arena_bytes
         assert arena.pool.stats().pages_mapped == -(-pre_plan.arena_bytes // PAGE) > pages
         _same_step(gm, pre_program, params, prefill, kv)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from xllm_compile.passes.memory_plan import plan_memory
 from xllm_compile.runtime import load
 from xllm_compile.runtime.arena import build_arena_runner, make_arena
 from xllm_compile.runtime.sampler import SamplingParams
@@ -60,7 +61,8 @@ def bench_case(engine, arena, name: str, batch: int, tokens: int, context: int, 
     inputs, slots = step_inputs(engine, batch, tokens, context)
     kv = engine.kv_cache.tensor
     start = time.perf_counter()
-    program, plan = build_arena_runner(gm, (*params, *inputs, kv), arena)
+    plan = plan_memory(gm, (*params, *inputs, kv))
+    program = build_arena_runner(gm, plan, arena)
     build_ms = 1000 * (time.perf_counter() - start)
     with torch.inference_mode():
         (expected,) = gm(*params, *inputs, kv)
