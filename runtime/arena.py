@@ -21,7 +21,8 @@ written past its slot. Nodes without an `.out` overload (the `xllm::` ops, multi
 allocating, as counted by `plan.num_unplanned`.
 
 The runtime never plans (it imports nothing from passes/, per DESIGN's layering): the plan
-comes from passes/memory_plan.py, run by the compile driver, a tool or a test.
+comes from passes/memory_plan.py, run by the compile driver (which stores one per bucket shape in
+the artifact's arena_plans.json, read back as arena_plans.StoredPlan), a tool or a test.
 
 The arena reserves virtual address space once (default: enough for every page of the pool) and
 maps pages on demand, so it works unchanged on the CPU memfd pool and the CUDA VMM pool. Pages
@@ -119,15 +120,28 @@ def make_arena(device: str, capacity: int = 1 << 30, page_size: int | None = Non
     return Arena(pool, capacity, owns_pool=True)
 
 
-def arena_program(graph_module: fx.GraphModule, plan, arena: Arena) -> fx.GraphModule:
+def arena_program(
+    graph_module: fx.GraphModule, plan, arena: Arena, base: int = 0
+) -> fx.GraphModule:
     """A copy of `graph_module` whose planned nodes write into `arena` views through their ATen
     `.out` overloads (`aten.linear(x, w)` -> `aten.linear.out(x, w, out=self._arena_3)`), with a
     size check on the inputs first. `arena` must already fit the plan (`arena.fit`).
 
-    `plan` is a passes.memory_plan.MemoryPlan for the shapes the program will be called with.
+    `plan` is a passes.memory_plan.MemoryPlan or an arena_plans.StoredPlan (read from the
+    artifact) for the shapes the program will be called with; its offsets count from byte `base`
+    of the arena (a multiple of 64: the bytes before it hold something else, such as the graph
+    cache's static inputs).
+
+    Raises:
+        ValueError: the arena is too small, or the plan names nodes the program lacks.
     """
-    if arena.nbytes < plan.arena_bytes:
-        raise ValueError(f"the arena maps {arena.nbytes} bytes; the plan needs {plan.arena_bytes}")
+    if arena.nbytes < base + plan.arena_bytes:
+        raise ValueError(
+            f"the arena maps {arena.nbytes} bytes; the plan needs {base + plan.arena_bytes}"
+        )
+    missing = set(plan.buffers) - {n.name for n in graph_module.graph.nodes}
+    if missing:
+        raise ValueError(f"the plan names nodes the program lacks: {sorted(missing)[:3]}")
     graph = fx.Graph()
     graph._codegen = graph_module.graph._codegen
     result, old_output = graph.graph_copy(graph_module.graph, {}, return_output_node=True)
@@ -136,7 +150,7 @@ def arena_program(graph_module: fx.GraphModule, plan, arena: Arena) -> fx.GraphM
     for k, node in enumerate([n for n in graph.nodes if n.name in plan.buffers]):
         buf = plan.buffers[node.name]
         name = f"_arena_{k}"
-        root[name] = arena.view(buf.offset, buf.shape, buf.dtype)
+        root[name] = arena.view(base + buf.offset, buf.shape, buf.dtype)
         with graph.inserting_before(node):
             view = graph.get_attr(name)
             args, kwargs = buf.call.bind(node.args, node.kwargs, view)
@@ -154,15 +168,18 @@ def arena_program(graph_module: fx.GraphModule, plan, arena: Arena) -> fx.GraphM
     return program
 
 
-def build_arena_runner(graph_module: fx.GraphModule, plan, arena: Arena) -> fx.GraphModule:
-    """Grow `arena` to `plan` (a passes.memory_plan.MemoryPlan for the shapes the program will
-    be called with, made at compile time or by the caller) and build the arena program.
+def build_arena_runner(
+    graph_module: fx.GraphModule, plan, arena: Arena, base: int = 0
+) -> fx.GraphModule:
+    """Grow `arena` to `plan` (placed from byte `base`; a MemoryPlan or a StoredPlan for the
+    shapes the program will be called with, made at compile time or by the caller) and build
+    the arena program.
 
     Raises:
         PoolExhaustedError: the arena's pool cannot map the plan's pages.
     """
-    arena.fit(plan.arena_bytes)
-    return arena_program(graph_module, plan, arena)
+    arena.fit(base + plan.arena_bytes)
+    return arena_program(graph_module, plan, arena, base)
 
 
 def check_sizes(inputs: tuple, expected: tuple) -> None:

@@ -16,6 +16,15 @@ its bucket:
     on-disk graph cache (under ~/.cache/xllm_compile/inductor) lets a second process skip the
     compile.
 
+The activation arena (on by default for CUDA graphs when the artifact holds arena plans;
+`arena=True` elsewhere): one arena of pool pages (runtime/arena.py, memfd+mmap on CPU, CUDA VMM on
+GPU) shared by every bucket, since one runs at a time. Its first bytes hold the static input
+buffer (the largest bucket's seven index rows; each entry views its prefix), and from there each
+bucket's program writes its planned intermediates and its logits at the offsets of the
+artifact's plan for its shapes (arena_plans.json, planned at compile time): a CUDA graph captured
+over it reads its inputs from and leaves its output in the arena. The logits of a step are valid
+until the next step, as with any static output. Buckets without a plan allocate as usual.
+
 Padding never touches a real sequence: padding rows are dummy sequences in a scratch KV slot
 reserved at start, every token of them at position 0 (they read and write that slot's row 0
 only, so the slot needs one row of memory whatever the padding). A decode pad is a one-token
@@ -33,13 +42,17 @@ from itertools import accumulate
 
 import torch
 
+from xllm_compile.arena_plans import StoredPlan, find_plan
 from xllm_compile.buckets import (
     bucket_for,
+    cover,
     decode_batch_buckets,
     fit,
     kv_len_buckets,
+    prefill_batch_buckets,
     prefill_token_buckets,
 )
+from xllm_compile.runtime.arena import Arena, build_arena_runner, make_arena
 from xllm_compile.runtime.kv_cache import KVCache
 
 __all__ = [
@@ -73,15 +86,17 @@ class GraphCacheStats:
     evictions: int = 0
     compile_cache_hits: int = 0  # Inductor graphs loaded from the on-disk cache
     compile_cache_misses: int = 0  # Inductor graphs compiled from scratch
+    arena_programs: int = 0  # entries built over the activation arena (the rest allocate)
 
 
 @dataclass
 class _Entry:
     buffer: torch.Tensor  # int64 static buffer holding the program's seven index inputs
+    # (a view of the arena's input region when the entry runs over the arena)
     args: list[torch.Tensor]  # its seven views, in trace.INPUT_NAMES order
     output: torch.Tensor | None = None  # [Bp, V] static logits (CUDA graphs)
     graph: torch.cuda.CUDAGraph | None = None
-    fn: object = None  # the compiled program (Inductor), else None: the program itself
+    fn: object = None  # the Inductor-compiled or arena program, else None: the program itself
     uses: int = field(default=0)
     nbytes: int = 0  # device memory this entry holds: static buffers, captured graph's memory
 
@@ -100,12 +115,17 @@ class GraphCache:
         buckets: dict | None = None,
         prefill: bool | None = None,
         max_num_tokens: int | None = None,
+        arena_plans: list[StoredPlan] | None = None,
+        arena: bool | None = None,
     ) -> None:
         """`backend`: "cuda_graph" (the default on CUDA), "eager" (the default on CPU) or
         "inductor"; `max_entries`/`max_bytes`: how many executables, and how much memory held by
         them, are kept: past either, the least recently used are evicted first;
         `prefill`: route prefill steps through token buckets too (default: yes for CUDA graphs
-        and Inductor, no for eager, where padding a prefill only adds work)."""
+        and Inductor, no for eager, where padding a prefill only adds work);
+        `arena_plans`: the artifact's plans (arena_plans.loads); `arena`: run bucket programs
+        over one activation arena holding the static inputs, intermediates and logits (default:
+        yes for CUDA graphs when plans are given; Inductor plans its own buffers)."""
         self.graph_module, self.params, self.kv_cache = graph_module, params, kv_cache
         self.device = torch.device(device)
         self.backend = backend or ("cuda_graph" if self.device.type == "cuda" else "eager")
@@ -114,7 +134,9 @@ class GraphCache:
         self.use_cuda_graphs = self.backend == "cuda_graph"
         self._compiled = None
         buckets = buckets or {}  # the manifest's (compile-time) choice, else the defaults
-        self.batch_buckets = fit(
+        # the compile-time buckets holding every batch up to max_num_seqs (padding rows use the
+        # scratch slot, so a bucket may exceed it); their arena plans then apply as they are
+        self.batch_buckets = cover(
             buckets.get("decode_batch", decode_batch_buckets(max_num_seqs)), max_num_seqs
         )
         self.kv_buckets = fit(
@@ -128,12 +150,22 @@ class GraphCache:
             sizes = buckets.get("prefill_tokens", prefill_token_buckets(max_num_tokens))
             self.prefill_buckets = tuple(sorted(set(sizes)))
         # a prefill batch may need one padding sequence more than the largest decode batch
-        self.prefill_batch_buckets = tuple(sorted({*self.batch_buckets, max_num_seqs + 1}))
+        self.prefill_batch_buckets = prefill_batch_buckets(self.batch_buckets, max_num_seqs)
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.pad_slot = kv_cache.allocate(1)  # scratch slot for padding rows, held for good
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self.stats = GraphCacheStats()
         self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
+        self.plans = list(arena_plans or [])
+        if arena is None:
+            arena = self.use_cuda_graphs and bool(self.plans)
+        if arena and (self.backend == "inductor" or not self.plans):
+            why = "Inductor plans its own buffers" if self.plans else "no arena plans were given"
+            raise ValueError(f"graph cache arena: {why}")
+        self.use_arena = arena
+        self.arena: Arena | None = None  # made on the first build over it
+        biggest = max((*self.prefill_buckets, self.batch_buckets[-1]))
+        self._input_bytes = -(-8 * (3 * biggest + 4 * self.prefill_batch_buckets[-1]) // 64) * 64
 
     def key_for(self, batch_size: int, max_seq_len: int) -> tuple | None:
         """The decode bucket of a step of `batch_size` sequences, or None if none holds it."""
@@ -177,6 +209,11 @@ class GraphCache:
             entry.graph.replay()
             return entry.output[:batch]
         return self._call(entry.args, kv_tensor[:, :, :, : key[-1]], entry.fn)[:batch]
+
+    @property
+    def arena_bytes(self) -> int:
+        """Bytes mapped for the activation arena (shared by all entries; not evictable)."""
+        return 0 if self.arena is None else self.arena.nbytes
 
     run_decode = run  # the name this had when only decode steps were bucketed
 
@@ -231,10 +268,9 @@ class GraphCache:
         )
         return torch.tensor(flat, dtype=torch.int64)
 
-    @staticmethod
-    def _split(buffer: torch.Tensor, key: tuple) -> list[torch.Tensor]:
-        tp, bp = (key[1], key[1]) if key[0] == "decode" else (key[1], key[2])
-        return list(buffer.split([tp, tp, tp, bp, bp, bp, bp]))
+    @classmethod
+    def _split(cls, buffer: torch.Tensor, key: tuple) -> list[torch.Tensor]:
+        return list(buffer.split(cls._sizes(key)))
 
     def _call(self, args: list[torch.Tensor], kv_view: torch.Tensor, fn=None) -> torch.Tensor:
         (logits,) = (self.graph_module if fn is None else fn)(*self.params, *args, kv_view)
@@ -267,12 +303,14 @@ class GraphCache:
 
     def _build(self, key: tuple, kv_tensor: torch.Tensor) -> _Entry:
         empty = [[] for _ in range(7)]
-        buffer = self._pad(empty, key).to(self.device)  # every row is padding
-        entry = _Entry(buffer=buffer, args=self._split(buffer, key))
+        padded = self._pad(empty, key)  # every row is padding
         kv_view = kv_tensor[:, :, :, : key[-1]]
+        entry = self._arena_entry(padded, key, kv_view) if self.use_arena else None
+        if entry is None:
+            buffer = padded.to(self.device)
+            entry = _Entry(buffer=buffer, args=self._split(buffer, key), nbytes=buffer.nbytes)
         if self.backend == "inductor":
             entry.fn = self._compile_bucket(entry.args, kv_view)
-        entry.nbytes = buffer.nbytes
         if not self.use_cuda_graphs:
             return entry
         reserved = torch.cuda.memory_reserved(self.device)
@@ -280,14 +318,37 @@ class GraphCache:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(2):  # warm up kernels and allocator outside the capture
-                self._call(entry.args, kv_view)
+                self._call(entry.args, kv_view, entry.fn)
         torch.cuda.current_stream().wait_stream(stream)
         entry.graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(entry.graph, pool=self._pool):
-            entry.output = self._call(entry.args, kv_view)
+            entry.output = self._call(entry.args, kv_view, entry.fn)
         # the graph's private memory (shared pool: what this capture added to it)
         entry.nbytes += max(0, torch.cuda.memory_reserved(self.device) - reserved)
         return entry
+
+    def _arena_entry(self, padded: torch.Tensor, key: tuple, kv_view) -> _Entry | None:
+        """An entry whose input buffer and program live in the arena, or None when no plan
+        covers the bucket's shapes (then it allocates as usual)."""
+        shapes = [torch.empty(n, dtype=torch.int64, device="meta") for n in self._sizes(key)]
+        plan = find_plan(self.plans, [*self.params, *shapes, kv_view])
+        if plan is None:
+            return None
+        if self.arena is None:
+            most = max(p.arena_bytes for p in self.plans)
+            self.arena = make_arena(str(self.device), capacity=self._input_bytes + most)
+            self.arena.fit(self._input_bytes)
+        buffer = self.arena.view(0, tuple(padded.shape), torch.int64)
+        buffer.copy_(padded)
+        program = build_arena_runner(self.graph_module, plan, self.arena, self._input_bytes)
+        self.stats.arena_programs += 1
+        return _Entry(buffer=buffer, args=self._split(buffer, key), fn=program)
+
+    @staticmethod
+    def _sizes(key: tuple) -> tuple[int, ...]:
+        """Lengths of the seven index inputs of bucket `key`."""
+        tp, bp = (key[1], key[1]) if key[0] == "decode" else (key[1], key[2])
+        return (tp, tp, tp, bp, bp, bp, bp)
 
     def _compile_bucket(self, args: list[torch.Tensor], kv_view: torch.Tensor):
         """Inductor-compile the program for this bucket's static shapes (compiled on this call)."""

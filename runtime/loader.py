@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 import xllm_compile.kernels  # noqa: F401  (registers the xllm:: ops the program calls)
-from xllm_compile import artifact
+from xllm_compile import arena_plans, artifact
 from xllm_compile.backend import check_device
 from xllm_compile.config import DTYPES, ModelConfig
 from xllm_compile.errors import ArtifactError, ConfigError
@@ -33,6 +33,7 @@ def load(
     kv_page_size: int | None = None,
     graph_cache: bool | str = False,
     warmup: bool = False,
+    arena: bool | None = None,
 ) -> Engine:
     """Load an artifact directory into an Engine.
 
@@ -47,11 +48,14 @@ def load(
         graph_cache: run decode steps through the multi-graph cache (True: the device's default
             backend, CUDA graphs on GPU; or "eager" / "inductor" / "cuda_graph").
         warmup: build every graph-cache bucket now instead of on first use.
+        arena: run the graph cache's bucket programs over one activation arena laid out by the
+            artifact's arena plans (None: yes with CUDA graphs, when the artifact has plans).
         kv_page_size: bytes per KV page (a multiple of the OS / driver granularity); default:
             16 tokens of every layer's K and V, rounded up to that granularity.
     Raises:
         ArtifactError: the artifact is missing, corrupt, tampered with or from another version.
-        ConfigError: a bad kv_cache choice, or a budget below one max-length sequence.
+        ConfigError: a bad kv_cache choice, a budget below one max-length sequence, or an arena
+            asked for where none can be used (no graph cache, Inductor, no usable plans).
         BackendUnavailableError: the device (or its page mapping) is not available here.
     """
     art = artifact.open_artifact(path, verify=verify)
@@ -86,14 +90,39 @@ def load(
         from xllm_compile.runtime.graph_cache import attach_graph_cache
 
         backend = None if graph_cache is True else graph_cache
+        plans = _arena_plans(art, graph_module) if arena is not False else []
+        if arena and (not plans or backend == "inductor"):
+            why = (
+                "Inductor plans its own buffers"
+                if plans
+                else "the artifact has no usable arena plans (recompile it)"
+            )
+            raise ConfigError(f"arena: {why}")
         attach_graph_cache(
             engine,
             warmup=warmup,
             max_num_seqs=num_seqs,
             backend=backend,
             buckets=m.get("buckets"),
+            arena_plans=plans,
+            arena=arena,
         )
+    elif arena:
+        raise ConfigError("arena: the activation arena runs with the graph cache; enable it too")
     return engine
+
+
+def _arena_plans(art: artifact.Artifact, graph_module) -> list:
+    """The artifact's arena plans, or [] (logged) when it has none or they do not fit the
+    program as loaded (an artifact from before plans were stored, or another torch's names)."""
+    if not art.has(arena_plans.FILE):
+        return []
+    try:
+        text = art.file(arena_plans.FILE).read_text()
+        return arena_plans.loads(text, graph_module.graph, where=f"{art.path}/{arena_plans.FILE}")
+    except ArtifactError as e:
+        log.warning("%s: running without the activation arena", e)
+        return []
 
 
 def _eos_token_ids(art: artifact.Artifact, config: ModelConfig) -> tuple[int, ...]:

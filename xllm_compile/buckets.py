@@ -52,6 +52,14 @@ def fit(buckets, limit: int) -> tuple[int, ...]:
     return tuple(sorted({b for b in buckets if b < limit} | {limit}))
 
 
+def cover(buckets, limit: int) -> tuple[int, ...]:
+    """The buckets needed to hold every size up to `limit`: those under it and the smallest at
+    or above it (`limit` itself if none is). Unlike `fit`, it keeps the compile-time buckets a
+    runtime with a smaller limit uses, so their compile-time plans still apply."""
+    above = [b for b in buckets if b >= limit]
+    return tuple(sorted({b for b in buckets if b < limit} | {min(above, default=limit)}))
+
+
 def parse_buckets(
     spec: str | None, max_num_seqs: int, max_len: int, max_num_tokens: int | None = None
 ) -> dict[str, list[int]]:
@@ -80,3 +88,22 @@ def parse_buckets(
         "prefill_tokens": sorted({s for s in chosen["prefill"] if s <= max_num_tokens}),
         "kv_len": list(fit(chosen["kv"], max_len)),
     }
+
+
+def prefill_batch_buckets(decode_batches, max_num_seqs: int) -> tuple[int, ...]:
+    """Batch buckets of prefill steps: the decode ones, and one holding max_num_seqs + 1 (a
+    prefill of every sequence may need a padding sequence to take the padding tokens)."""
+    extra = {max_num_seqs + 1} if max(decode_batches) <= max_num_seqs else set()
+    return tuple(sorted({*decode_batches, *extra}))
+
+
+def step_shapes(buckets: dict, max_num_seqs: int) -> list[tuple[int, int]]:
+    """(tokens, sequences) of every step shape the graph cache can run, for `buckets` as stored
+    in the manifest: decode (B, B) per batch bucket, prefill (T, B) per token bucket and batch
+    bucket up to T. Each sequence yields one logits row. KV-length buckets are left out: they
+    multiply the list without changing the shapes the program computes with."""
+    decode = fit(buckets["decode_batch"], max_num_seqs)
+    shapes = [(b, b) for b in decode]
+    for tp in buckets.get("prefill_tokens", ()):
+        shapes += [(tp, b) for b in prefill_batch_buckets(decode, max_num_seqs) if b <= tp]
+    return shapes

@@ -118,6 +118,13 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
         choices=["eager", "inductor", "cuda_graph"],
         help="run decode steps through the multi-graph cache with this backend",
     )
+    p.add_argument(
+        "--arena",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="graph cache: run bucket programs over one activation arena laid out at compile "
+        "time (default: on with cuda_graph when the artifact has arena plans)",
+    )
 
 
 def _load(args: argparse.Namespace, **extra):
@@ -130,6 +137,7 @@ def _load(args: argparse.Namespace, **extra):
         kv_cache=args.kv_cache,
         kv_memory=memory,
         graph_cache=args.graph_cache or False,
+        arena=args.arena,
         **extra,
     )
 

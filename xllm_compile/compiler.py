@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from xllm_compile import artifact
+from xllm_compile import arena_plans, artifact
 from xllm_compile.backend import check_device
-from xllm_compile.buckets import parse_buckets
+from xllm_compile.buckets import parse_buckets, step_shapes
 from xllm_compile.config import CompileConfig, ModelConfig
 from xllm_compile.errors import ConfigError
 from xllm_compile.hf import load_hf_config, stream_weights
@@ -139,9 +139,7 @@ def memory_plans(ep, weights: dict, config: ModelConfig, cfg: CompileConfig, max
     out = {}
     for phase, (tokens, seqs, logits) in phases.items():
         # meta tensors: the plan reads shapes only; [L, 2, S, M, Hkv, D] KV with a slot per seq
-        idx = [torch.empty(n, dtype=torch.int64, device="meta") for n in (tokens,) * 3]
-        idx += [torch.empty(n, dtype=torch.int64, device="meta") for n in (seqs,) * 3]
-        idx.append(torch.empty(logits, dtype=torch.int64, device="meta"))
+        idx = step_inputs_meta(tokens, seqs, logits)
         kv_shape = (config.num_layers, 2, seqs, max_len, config.num_kv_heads, config.head_dim)
         kv = torch.empty(kv_shape, dtype=cfg.torch_dtype, device="meta")
         shapes = {"num_tokens": tokens, "num_seqs": seqs, "num_logits": logits, "kv_len": max_len}
@@ -155,11 +153,54 @@ def memory_plans(ep, weights: dict, config: ModelConfig, cfg: CompileConfig, max
     return out
 
 
+def bucket_plans(ep, weights: dict, config: ModelConfig, cfg: CompileConfig, buckets: dict) -> list:
+    """Arena plans for every step shape of the graph cache's buckets (buckets.step_shapes, at
+    every kv-length bucket), as arena_plans.StoredPlans: one per distinct set of the sizes a plan
+    depends on (its guards), so buckets differing only in kv length or sequence count share one.
+    Returns [] (logged) if planning fails: the runtime then allocates as usual.
+
+    `ep` must be the program as the runtime loads it (torch.export.load of the saved file):
+    serialization reorders nodes and adds getitems, and a plan is only valid for the node order
+    it was made for (arena_plans.graph_fingerprint ties the two)."""
+    params = [weights[s.target] for s in ep.graph_signature.input_specs if s.kind in PARAM_KINDS]
+    slots, dtype = cfg.max_num_seqs + 1, cfg.torch_dtype  # the graph cache's scratch slot
+    plans: list[arena_plans.StoredPlan] = []
+    shapes = step_shapes(buckets, cfg.max_num_seqs)
+    with progress(
+        total=len(shapes), desc="arena plans", unit="shape", show=cfg.show_progress
+    ) as bar:
+        for tokens, seqs in shapes:
+            for kv_len in buckets["kv_len"]:
+                args = [*params, *step_inputs_meta(tokens, seqs, seqs)]
+                kv = (config.num_layers, 2, slots, kv_len, config.num_kv_heads, config.head_dim)
+                args.append(torch.empty(kv, dtype=dtype, device="meta"))
+                if arena_plans.find_plan(plans, args) is not None:
+                    continue
+                try:
+                    plans.append(arena_plans.StoredPlan.of(plan_memory(ep.graph_module, args)))
+                except Exception as e:  # an optimization: never worth failing the compile over
+                    log.warning("arena plans skipped: %s: %s", type(e).__name__, e)
+                    return []
+            bar.update(1)
+    return plans
+
+
+def step_inputs_meta(tokens: int, seqs: int, logits: int) -> list[torch.Tensor]:
+    """Meta tensors shaped like the program's seven index inputs (trace.INPUT_NAMES)."""
+    sizes = (tokens, tokens, tokens, seqs, seqs, seqs, logits)
+    return [torch.empty(n, dtype=torch.int64, device="meta") for n in sizes]
+
+
 def _write(tmp_dir, model_dir, ep, weights, config, hf_config, cfg, max_len, pass_log) -> None:
     torch.export.save(ep, tmp_dir / artifact.PROGRAM)
     params = [spec.target for spec in ep.graph_signature.input_specs if spec.target in weights]
     save_file({name: weights[name].contiguous() for name in params}, tmp_dir / artifact.WEIGHTS)
     tokenizer_files = artifact.copy_tokenizer(model_dir, tmp_dir)
+    buckets = parse_buckets(cfg.buckets, cfg.max_num_seqs, max_len, cfg.max_num_tokens)
+    saved = torch.export.load(tmp_dir / artifact.PROGRAM)  # what the runtime will run
+    plans = bucket_plans(saved, weights, config, cfg, buckets)
+    if plans:
+        (tmp_dir / arena_plans.FILE).write_text(arena_plans.dumps(plans, saved.graph_module.graph))
     artifact.write_manifest(
         tmp_dir,
         {
@@ -183,6 +224,7 @@ def _write(tmp_dir, model_dir, ep, weights, config, hf_config, cfg, max_len, pas
             else None,
             "passes": pass_log,
             "memory_plan": memory_plans(ep, weights, config, cfg, max_len),
-            "buckets": parse_buckets(cfg.buckets, cfg.max_num_seqs, max_len, cfg.max_num_tokens),
+            "buckets": buckets,
+            "arena_plans": {"file": arena_plans.FILE, "plans": len(plans)} if plans else None,
         },
     )
