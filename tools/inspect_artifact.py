@@ -57,7 +57,11 @@ def inspect_artifact(path: str, as_json: bool = False) -> str:
     if m.get("passes"):
         parts.append(_pass_table(m["passes"]))
     if m.get("memory_plan"):
-        parts.append(_memory_plan_table(m["memory_plan"]))
+        table = _memory_plan_table(m["memory_plan"])
+        if m.get("arena_plans"):
+            n = m["arena_plans"]["plans"]
+            table += f"\n  bucket plans: {n} in {m['arena_plans']['file']} (graph cache arena)"
+        parts.append(table)
     return "\n\n".join(parts)
 
 

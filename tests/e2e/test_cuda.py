@@ -42,3 +42,23 @@ def test_cuda_bf16_logits(family_models, tmp_path):
     ref = hf_logits(copy.deepcopy(model).to("cuda", torch.bfloat16), PROMPT).cpu()
     out = prefill_then_decode(load(art), PROMPT, []).cpu()
     assert rel_err(out, ref) < 2e-2
+
+
+def test_cuda_graphs_over_the_arena(family_models, tmp_path):
+    """load(graph_cache=True) on CUDA captures each bucket over the artifact's arena plans: the
+    static inputs and logits live in the CUDA VMM arena, and greedy tokens equal eager's."""
+    _, model_dir, _ = family_models("qwen2")
+    art = compile_cli(model_dir, tmp_path / "arena", "--device", "cuda", "--max-num-seqs", "8")
+    prompts = [PROMPT, PROMPT[:5], PROMPT[3:]]
+    eager = load(art).generate(prompts, max_tokens=24, ignore_eos=True)
+    engine = load(art, graph_cache=True, max_num_seqs=8)
+    cache = engine.executor.graph_cache
+    assert cache.use_cuda_graphs and cache.use_arena
+    graphed = engine.generate(prompts, max_tokens=24, ignore_eos=True)
+    assert [r.token_ids for r in graphed] == [r.token_ids for r in eager]
+    assert cache.stats.arena_programs == cache.stats.builds >= 2  # a prefill and a decode bucket
+    base, size = cache.arena.vrange.address, cache.arena.nbytes
+    for entry in cache.entries.values():
+        assert entry.graph is not None
+        for t in (entry.buffer, entry.output):
+            assert base <= t.data_ptr() and t.data_ptr() + t.nbytes <= base + size

@@ -230,4 +230,6 @@ def test_manifest_records_the_plan(llama_artifact, capsys):
         assert p["live_lower_bound_bytes"] <= p["arena_bytes"] < p["naive_bytes"]
         assert p["planned"] > 0 and p["unplanned"] > 0  # the xllm:: ops still allocate
     assert main(["inspect", str(llama_artifact)]) == 0
-    assert re.search(r"decode arena\s+\S+ \S+ \(\d+% of naive\)", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert re.search(r"decode arena\s+\S+ \S+ \(\d+% of naive\)", out)
+    assert f"bucket plans: {manifest['arena_plans']['plans']} in arena_plans.json" in out

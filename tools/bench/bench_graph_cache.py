@@ -1,6 +1,7 @@
 """The decode graph cache on one artifact, same run: decode ms/step unbucketed eager vs each
-cache backend (eager buckets, Inductor buckets, CUDA graphs on GPU), warm-up time per backend,
-and the dispatch overhead of a cache hit (lookup + padding + input copy, µs/step).
+cache backend (eager buckets, Inductor buckets, CUDA graphs on GPU; eager and CUDA graphs also
+over the activation arena laid out by the artifact's plans), warm-up time per backend, the
+dispatch overhead of a cache hit (lookup + padding + input copy, µs/step), and the arena's size.
 
     python -m xllm_compile.tools.bench.bench_graph_cache --model examples/tiny-llama
     python -m xllm_compile.tools.bench.bench_graph_cache --preset qwen2.5-0.5b --batch 1 8
@@ -69,7 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=16)
     args = p.parse_args(argv)
-    backends = ["eager", "inductor"] if args.device == "cpu" else ["cuda_graph"]
+    if args.device == "cpu":
+        variants = [("eager", False), ("eager", True), ("inductor", False)]
+    else:
+        variants = [("cuda_graph", False), ("cuda_graph", True)]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else make_preset(args.preset, Path(tmp) / "m")
         art = Path(tmp) / "art"
@@ -85,24 +89,39 @@ def main(argv: list[str] | None = None) -> None:
         base = {b: decode_ms(plain, b, args.prompt_len, args.steps) for b in args.batch}
         for b in args.batch:
             print(f"  unbucketed eager  batch {b:>3}: {base[b]:8.2f} ms/step")
-        for backend in backends:
+        for backend, arena in variants:
+            name = backend + ("+arena" if arena else "")
             engine = load(art, max_num_seqs=max(args.batch) + 1)
             start = time.perf_counter()
             cache = attach_graph_cache(
-                engine, warmup=True, max_num_seqs=max(args.batch), backend=backend
+                engine,
+                warmup=True,
+                max_num_seqs=max(args.batch),
+                backend=backend,
+                buckets=engine.manifest.get("buckets"),
+                arena_plans=_arena_plans(art, engine) if arena else None,
+                arena=arena,
             )
             warm = time.perf_counter() - start
+            extra = f", arena {cache.arena_bytes / 2**20:.2f} MiB" if arena else ""
             print(
-                f"  {backend}: warm-up {warm:.1f} s for {cache.stats.builds} buckets, "
-                f"hit dispatch {dispatch_us(cache, args.batch[0]):.1f} µs/step"
+                f"  {name}: warm-up {warm:.1f} s for {cache.stats.builds} buckets, "
+                f"hit dispatch {dispatch_us(cache, args.batch[0]):.1f} µs/step{extra}"
             )
             for b in args.batch:
                 ms = decode_ms(engine, b, args.prompt_len, args.steps)
                 print(
-                    f"  {backend:>10} batch {b:>3}: {ms:8.2f} ms/step  "
+                    f"  {name:>16} batch {b:>3}: {ms:8.2f} ms/step  "
                     f"({ms / base[b]:.2f}x unbucketed)"
                 )
             assert cache.stats.builds == len(cache.entries)  # no build after warm-up
+
+
+def _arena_plans(art: Path, engine) -> list:
+    from xllm_compile import arena_plans
+
+    text = (art / arena_plans.FILE).read_text()
+    return arena_plans.loads(text, engine.executor.graph_module.graph)
 
 
 if __name__ == "__main__":
