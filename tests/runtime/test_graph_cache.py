@@ -62,22 +62,32 @@ def test_padded_step_equals_unpadded(llama_artifact):
     assert stats.builds >= 1 and stats.hits > 0
 
 
+def random_steps(plain, bucketed, cache, seed, steps=1000, longest=30, batch=6, tokens=25) -> int:
+    """Generate random batches (up to `batch` prompts of up to `longest` tokens, 1..`tokens` new
+    tokens) on both engines until `bucketed` ran `steps` steps through `cache`; the tokens must
+    be equal every time. Returns the number of generate calls."""
+    rng, hits, calls = random.Random(seed), 0, 0
+    while hits < steps:
+        prompts = [
+            [rng.randrange(3, 300) for _ in range(rng.randint(1, longest))]
+            for _ in range(rng.randint(1, batch))
+        ]
+        max_tokens = rng.randint(1, tokens)
+        before = cache.stats.hits
+        a = plain.generate(prompts, max_tokens=max_tokens, ignore_eos=True)
+        b = bucketed.generate(prompts, max_tokens=max_tokens, ignore_eos=True)
+        assert [r.token_ids for r in a] == [r.token_ids for r in b]
+        hits += cache.stats.hits - before
+        calls += 1
+    return calls
+
+
 def test_thousand_random_steps_after_warmup_build_nothing(llama_artifact):
     plain, bucketed = load(llama_artifact, max_num_seqs=8), load(llama_artifact, max_num_seqs=8)
     cache = attach_graph_cache(bucketed, warmup=True)
     built = cache.stats.builds
     assert built == len(cache.batch_buckets) * len(cache.kv_buckets)
-    rng, steps = random.Random(0), 0
-    while steps < 1000:
-        prompts = [
-            [rng.randrange(3, 300) for _ in range(rng.randint(1, 40))]
-            for _ in range(rng.randint(1, 7))
-        ]
-        max_tokens = rng.randint(2, 60)
-        a = plain.generate(prompts, max_tokens=max_tokens, ignore_eos=True)
-        b = bucketed.generate(prompts, max_tokens=max_tokens, ignore_eos=True)
-        assert [r.token_ids for r in a] == [r.token_ids for r in b]
-        steps += max_tokens - 1  # decode steps of this call
+    random_steps(plain, bucketed, cache, seed=0, longest=40, batch=7, tokens=60)
     assert cache.stats.builds == built  # every step hit a warmed-up bucket
     assert cache.stats.hits >= 1000
 
@@ -235,19 +245,7 @@ def test_thousand_random_prefill_and_decode_steps_after_warmup(llama_artifact):
     cache.warmup(bucketed.kv_cache.tensor)
     built = cache.stats.builds
     assert built == len(cache.keys()) == len(cache.entries)
-    rng, steps, prefills = random.Random(1), 0, 0
-    while steps < 1000:
-        prompts = [
-            [rng.randrange(3, 300) for _ in range(rng.randint(1, 30))]
-            for _ in range(rng.randint(1, 6))
-        ]
-        max_tokens = rng.randint(1, 25)
-        before = cache.stats.hits
-        a = plain.generate(prompts, max_tokens=max_tokens, ignore_eos=True)
-        b = bucketed.generate(prompts, max_tokens=max_tokens, ignore_eos=True)
-        assert [r.token_ids for r in a] == [r.token_ids for r in b]
-        steps += cache.stats.hits - before
-        prefills += 1
+    prefills = random_steps(plain, bucketed, cache, seed=1)
     assert cache.stats.builds == built  # every step hit a warmed-up bucket
     assert sum(1 for k, e in cache.entries.items() if k[0] == "prefill" and e.uses) >= 5
     assert prefills >= 40

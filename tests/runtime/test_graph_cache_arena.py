@@ -6,13 +6,13 @@ tokens equal the unbucketed engine's; plans that do not fit the program are refu
 from __future__ import annotations
 
 import json
-import random
 import shutil
 
 import pytest
 import torch
 
 from tests.conftest import compile_cli
+from tests.runtime.test_graph_cache import _prefill_rows, random_steps
 from xllm_compile import arena_plans, artifact
 from xllm_compile.buckets import step_shapes
 from xllm_compile.errors import ArtifactError, ConfigError
@@ -70,8 +70,6 @@ def test_padded_steps_over_the_arena_equal_the_plain_program(llama_artifact):
     manifest, plans, _ = _plans(llama_artifact)
     buckets = {**manifest["buckets"], **PREFILL}
     cache = attach_graph_cache(engine, prefill=True, buckets=buckets, arena_plans=plans, arena=True)
-    from tests.runtime.test_graph_cache import _prefill_rows
-
     kv = engine.kv_cache.tensor
     rows = _prefill_rows(engine, [[5, 9, 11, 4, 4], [3, 4, 2, 8, 9, 10, 11], [7, 7]])
     padded = cache.run(rows, kv).clone()
@@ -119,18 +117,7 @@ def test_thousand_random_steps_over_the_arena(llama_artifact):
     assert cache.arena.nbytes == -(-(cache._input_bytes + biggest) // page) * page
     total = sum(p.arena_bytes for p in plans)
     assert cache.arena.nbytes < total / 10  # one arena for all, not one per bucket
-    rng, steps = random.Random(2), 0
-    while steps < 1000:
-        prompts = [
-            [rng.randrange(3, 300) for _ in range(rng.randint(1, 30))]
-            for _ in range(rng.randint(1, 6))
-        ]
-        max_tokens = rng.randint(1, 25)
-        before = cache.stats.hits
-        a = plain.generate(prompts, max_tokens=max_tokens, ignore_eos=True)
-        b = bucketed.generate(prompts, max_tokens=max_tokens, ignore_eos=True)
-        assert [r.token_ids for r in a] == [r.token_ids for r in b]
-        steps += cache.stats.hits - before
+    random_steps(plain, bucketed, cache, seed=2)
     assert cache.stats.builds == built
 
 
