@@ -94,6 +94,13 @@ class Engine:
                 yield text[len(printed) :]
                 printed = text
 
+    @property
+    def graph_cache_stats(self):
+        """The graph cache's counters (hits, misses, builds, build time, evictions, compile-cache
+        hits and misses, arena programs), or None without a graph cache."""
+        cache = self.executor.graph_cache
+        return None if cache is None else cache.stats
+
     def warmup(self, show_progress: bool = False) -> None:
         """Build every graph-cache bucket now (decode, and prefill where enabled), so that no
         request pays for a build; a no-op without a graph cache."""

@@ -436,6 +436,9 @@ def render_metrics(engine: AsyncEngine) -> str:
         add("graph_cache_builds_total", "counter", "Graphs built.", s.builds)
         add("graph_cache_build_seconds_total", "counter", "Time building graphs.", s.build_time_s)
         add("graph_cache_evictions_total", "counter", "Graphs evicted.", s.evictions)
+        add("graph_cache_entries", "gauge", "Graphs held.", len(cache.entries))
+        add("graph_cache_bytes", "gauge", "Memory held by the graphs.", cache.nbytes)
+        add("graph_cache_arena_bytes", "gauge", "Activation arena mapped.", cache.arena_bytes)
     return "\n".join(lines) + "\n"
 
 

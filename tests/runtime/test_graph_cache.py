@@ -260,4 +260,5 @@ def test_engine_warmup_builds_every_bucket(llama_artifact):
     )
     engine.generate([[1, 2, 3]], max_tokens=4)
     assert cache.stats.builds == len(cache.keys())  # nothing built on use
+    assert engine.graph_cache_stats is cache.stats and engine.graph_cache_stats.hits >= 3
     load(llama_artifact).warmup()  # no graph cache: a no-op

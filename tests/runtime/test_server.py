@@ -452,6 +452,7 @@ def test_serve_on_a_busy_port_is_one_line_exit_2(artifact):
 
 def test_serve_prints_its_url_answers_and_stops_cleanly_on_ctrl_c(artifact):
     args = ("--port", "0", "--model-name", "austen", "--graph-cache", "eager", "--warmup")
+    args += ("--arena",)  # every bucket over the activation arena
     proc = serve_cli(str(artifact), *args)
     try:
         line = proc.stdout.readline()
@@ -465,6 +466,8 @@ def test_serve_prints_its_url_answers_and_stops_cleanly_on_ctrl_c(artifact):
             m = metrics(c)
             assert m["xllm_graph_cache_builds_total"] > 0  # --warmup built the buckets
             assert m["xllm_graph_cache_hits_total"] >= 3  # the decode steps ran through them
+            assert m["xllm_graph_cache_entries"] == m["xllm_graph_cache_builds_total"]
+            assert m["xllm_graph_cache_arena_bytes"] > 0
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
