@@ -14,9 +14,10 @@ bucket's concrete shapes this works out where each intermediate tensor would liv
    last use of anything that may alias it (views, reshapes, getitem, split outputs, in-place
    writes), outputs to the end. Placeholders (weights, inputs, the KV cache) and what aliases
    them are never planned.
-3. What is planned: fresh, contiguous, single-tensor results of ATen ops that have an `.out`
-   overload (`OutCall`: how a program writes them into the arena, `runtime/arena.py`). The
-   rest (the `xllm::` custom ops, multi-output ops) keep allocating: counted as unplanned.
+3. What is planned: fresh, contiguous, single-tensor results of ATen and xllm ops that have an
+   `.out` overload (`OutCall`: how a program writes them into the arena, `runtime/arena.py`;
+   xllm::linear has one). The rest (the other `xllm::` ops, multi-output ops) keep allocating:
+   counted as unplanned.
 4. In place: a pointwise op whose input buffer (planned, same dtype and shape, no alias of it
    read elsewhere by the op) dies at that op writes over it: they share one allocation.
 5. Offsets: greedy by size with best fit (Pisarchyk & Lee, "Efficient Memory Management for
@@ -273,8 +274,8 @@ def _why_not_planned(node: fx.Node, val) -> str | None:
     schema = node.target._schema
     if schema.is_mutable:
         return "mutates an input"
-    if not schema.name.startswith("aten::"):
-        return "custom op (no out= variant)"
+    if not schema.name.startswith(("aten::", "xllm::")):
+        return "not an ATen or xllm op"
     if not val.is_contiguous():
         return "non-contiguous result"
     return None

@@ -206,12 +206,13 @@ def _op_name(op) -> str:
 
 
 def _resolve_op(name: str):
-    """'aten::mm.out' -> torch.ops.aten.mm.out (only ATen: plans never name other ops)."""
+    """'aten::mm.out' -> torch.ops.aten.mm.out; ATen and xllm ops only (the runtime imports
+    the kernels, which register the xllm ones)."""
     qualified, _, overload = name.rpartition(".")
     namespace, _, op = qualified.partition("::")
-    if namespace != "aten" or not op or not overload:
-        raise ValueError(f"not an ATen overload: {name!r}")
-    packet = getattr(torch.ops.aten, op)
+    if namespace not in ("aten", "xllm") or not op or not overload:
+        raise ValueError(f"not an ATen or xllm overload: {name!r}")
+    packet = getattr(getattr(torch.ops, namespace), op)
     return getattr(packet, overload)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("xllm_cpu.cpp")
+SOURCES = [str(Path(__file__).with_name(f)) for f in ("xllm_cpu.cpp", "xllm_linear.cpp")]
 OPS = (
     "rms_norm",
     "fused_add_rms_norm",
@@ -25,6 +25,7 @@ OPS = (
     "rotary_embedding",
     "store_kv",
     "attention",
+    "linear",
 )
 
 
@@ -42,7 +43,7 @@ def ensure_loaded() -> str | None:
 
         load(
             name="xllm_cpu_kernels",
-            sources=[str(SOURCE)],
+            sources=SOURCES,
             extra_cflags=["-O3"],
             is_python_module=False,
             verbose=False,

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -544,6 +545,20 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& kv_cache, int64_t la
 }
 
 }  // namespace
+
+// For the other kernel files of this library (xllm_linear.cpp).
+void xllm_parallel_for(int64_t n, int64_t grain,
+                       const std::function<void(int64_t, int64_t)>& f) {
+  vec::parallel_rows(n, grain, f);
+}
+
+bool xllm_use_avx512() {
+#if defined(XLLM_AVX512_SECTION)
+  return use_vec();
+#else
+  return false;
+#endif
+}
 
 TORCH_LIBRARY_IMPL(xllm, CPU, m) {
   m.impl("store_kv", &store_kv);

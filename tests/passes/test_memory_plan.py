@@ -139,15 +139,14 @@ def test_inputs_custom_and_multi_output_ops_are_not_planned():
     plan = plan_memory(gm, [torch.randn(T, D), torch.ones(D)])
     plan.check()
     assert list(plan.buffers) == ["o"]
-    assert plan.unplanned == {"norm": "custom op (no out= variant)", "fused": "multi-output op"}
-    assert plan.summary()["unplanned_why"] == {
-        "custom op (no out= variant)": 1,
-        "multi-output op": 1,
-    }
+    assert plan.unplanned == {"norm": "no out= variant", "fused": "multi-output op"}
+    assert plan.summary()["unplanned_why"] == {"no out= variant": 1, "multi-output op": 1}
 
 
 def test_out_variants():
     assert out_variant(aten.mm.default) == (aten.mm.out, "out")
+    assert out_variant(torch.ops.xllm.linear.default) == (torch.ops.xllm.linear.out, "out")
+    assert out_variant(torch.ops.xllm.rms_norm.default) is None
     assert out_variant(aten.add.Tensor) == (aten.add.out, "out")
     assert out_variant(aten.pow.Tensor_Scalar) == (aten.pow.Tensor_Scalar_out, "out")
     assert out_variant(aten.index.Tensor) == (aten.index.Tensor_out, "out")

@@ -33,8 +33,8 @@ def test_default_pipeline_counts(family, family_models):
     assert count_ops(gm, xllm.rms_norm) == 1 + qk_norms
     assert count_ops(gm, xllm.silu_and_mul) == LAYERS
     assert count_ops(gm, xllm.rotary_embedding) == LAYERS
-    # per layer: qkv, o_proj, gate_up, down; plus the LM head
-    assert count_ops(gm, aten.linear) == 4 * LAYERS + 1
+    # per layer: qkv, o_proj, gate_up, down; plus the LM head: all on the CPU linear kernel
+    assert count_ops(gm, xllm.linear) == 4 * LAYERS + 1 and count_ops(gm, aten.linear) == 0
     for unfused in (aten.rsqrt, aten.pow, aten.mean, aten.silu, aten.neg, aten.cat, aten.add):
         assert count_ops(gm, unfused) == 0, unfused
     manifest = json.loads((art / MANIFEST).read_text())
@@ -44,6 +44,8 @@ def test_default_pipeline_counts(family, family_models):
     assert by_name["merge_qkv"]["matches"] == LAYERS
     assert by_name["merge_gate_up"]["matches"] == LAYERS
     assert by_name["fuse_rotary"]["details"]["unpaired"] == 0
+    assert by_name["linear_kernel"]["replaced"] == {"linear": 4 * LAYERS + 1}
+    assert by_name["lower_ops"]["details"]["bindings"]["xllm::linear"] == "cpu kernel"
     params = manifest["program"]["params"]
     assert sum(p.endswith("qkv_proj.weight") for p in params) == LAYERS
     assert not any(p.endswith(("q_proj.weight", "gate_proj.weight")) for p in params)

@@ -1,0 +1,205 @@
+// xllm::linear: y = x @ w^T (+ b) for the few rows of a decode step, streaming each weight row
+// from memory once for all rows. ATen's CPU linear (MKL / oneDNN) packs the weight for a GEMM
+// from 4 rows up and then reads it at about half the memory bandwidth (SmolLM2's matrices, this
+// 2-core AVX512 machine: 24 GB/s at 1-3 rows, 12-14 GB/s at 4-16), and bf16 weights at 10 GB/s
+// at any row count; a decode step is little else than that read. Here a block of 4 weight rows is
+// loaded once and multiplied with up to 4 activation rows at a time (16 fp32 accumulators), the
+// block staying in L1 while the next 4 activation rows pass. bf16 weights are widened in
+// registers (a shift), activations once per call; sums are fp32, the result rounded once.
+// More rows than kMaxRows* (compute-bound: a GEMM's blocking wins), other dtypes, layouts or
+// CPUs without AVX512 call ATen. Each block also prefetches the next block's weight rows: the
+// hardware prefetcher restarts on every row, and without it compute and memory did not overlap
+// (4-16 rows ran at 12-16 GB/s instead of ~20). Figures: tools/bench/bench_kernels.py --ops linear.
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <functional>
+#include <optional>
+#include <vector>
+
+// Defined in xllm_cpu.cpp: f(begin, end) over [0, n) on ATen's intra-op threads.
+void xllm_parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& f);
+// Defined in xllm_cpu.cpp: whether the AVX512 loops may run on this CPU.
+bool xllm_use_avx512();
+
+namespace {
+
+// Above this many rows ATen's GEMM is faster (bench_kernels --ops linear): fp32 weights are
+// compute-light enough to stream for 16 rows, bf16 ones (widened in registers) for 8.
+constexpr int64_t kMaxRowsF32 = 16;
+constexpr int64_t kMaxRowsBF16 = 8;
+// Weight elements per parallel task: ~10 us of streaming at ~20 GB/s.
+constexpr int64_t kGrainElems = 1 << 16;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define XLLM_LINEAR_AVX512 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+#include <immintrin.h>
+
+template <typename W>
+inline __m512 load_w(const W* p, __mmask16 m) {
+  if constexpr (std::is_same_v<W, float>) {
+    return _mm512_maskz_loadu_ps(m, p);
+  } else {  // bf16: the high half of an fp32
+    __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+// acc_out[m][n] = sum_k x[m][k] * w[n][k] for NB weight rows and MB activation rows; x fp32.
+// The loops over m and n must unroll completely for the accumulators to stay in registers.
+// `next` (or null): the following block's weight rows, prefetched into cache meanwhile so that
+// memory streams while this block computes (the hardware prefetcher restarts on every row).
+template <typename W, int NB, int MB>
+inline void block(const float* x, int64_t K, const W* w, const W* next, float (*acc_out)[4]) {
+  __m512 acc[MB][NB];
+#pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 4
+    for (int n = 0; n < NB; ++n) acc[m][n] = _mm512_setzero_ps();
+  auto step = [&](int64_t k, __mmask16 mask) __attribute__((always_inline)) {
+    __m512 wv[NB];
+#pragma GCC unroll 4
+    for (int n = 0; n < NB; ++n) wv[n] = load_w(w + n * K + k, mask);
+    if (next != nullptr) {
+#pragma GCC unroll 4
+      for (int n = 0; n < 4; ++n)
+        _mm_prefetch(reinterpret_cast<const char*>(next + n * K + k), _MM_HINT_T0);
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+#pragma GCC unroll 4
+      for (int n = 0; n < NB; ++n) acc[m][n] = _mm512_fmadd_ps(xv, wv[n], acc[m][n]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) step(k, __mmask16(0xFFFF));
+  if (k < K) step(k, __mmask16((1u << (K - k)) - 1));
+#pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 4
+    for (int n = 0; n < NB; ++n) acc_out[m][n] = _mm512_reduce_add_ps(acc[m][n]);
+}
+
+template <typename W, int NB>
+inline void rows_block(const float* x, int64_t M, int64_t K, const W* w, const W* next,
+                       float (*acc)[4], int64_t m0) {
+  const float* xm = x + m0 * K;
+  next = m0 == 0 ? next : nullptr;  // the first pass over the block streams it in
+  switch (std::min<int64_t>(M - m0, 4)) {
+    case 4: block<W, NB, 4>(xm, K, w, next, acc); break;
+    case 3: block<W, NB, 3>(xm, K, w, next, acc); break;
+    case 2: block<W, NB, 2>(xm, K, w, next, acc); break;
+    default: block<W, NB, 1>(xm, K, w, next, acc); break;
+  }
+}
+
+// Weight rows [n0, n1) for every activation row: NB = 4 weight rows at a time, 1 at the tail.
+template <typename W, typename O>
+void linear_rows(const float* x, int64_t M, int64_t K, const W* w, const O* bias, O* out,
+                 int64_t N, int64_t n0, int64_t n1) {
+  float acc[4][4];
+  auto emit = [&](int64_t m0, int64_t n, int nb) {
+    for (int m = 0; m < 4 && m0 + m < M; ++m)
+      for (int j = 0; j < nb; ++j) {
+        float v = acc[m][j] + (bias ? static_cast<float>(bias[n + j]) : 0.f);
+        out[(m0 + m) * N + n + j] = static_cast<O>(v);
+      }
+  };
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const W* next = n + 8 <= n1 ? w + (n + 4) * K : nullptr;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      rows_block<W, 4>(x, M, K, w + n * K, next, acc, m0);
+      emit(m0, n, 4);
+    }
+  }
+  for (; n < n1; ++n)
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      rows_block<W, 1>(x, M, K, w + n * K, nullptr, acc, m0);
+      emit(m0, n, 1);
+    }
+}
+
+template <typename T>
+void linear_small(const at::Tensor& x2, const at::Tensor& w, const at::Tensor* b, at::Tensor& out2) {
+  const int64_t M = x2.size(0), K = x2.size(1), N = w.size(0);
+  at::Tensor xf = x2.to(at::kFloat).contiguous();  // the few activation rows, widened once
+  const float* x = xf.const_data_ptr<float>();
+  const T* wp = w.const_data_ptr<T>();
+  const T* bp = b ? b->const_data_ptr<T>() : nullptr;
+  T* op = out2.data_ptr<T>();
+  const int64_t blocks = (N + 3) / 4;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(4 * K, 1));
+  xllm_parallel_for(blocks, grain, [&](int64_t b0, int64_t b1) {
+    linear_rows<T, T>(x, M, K, wp, bp, op, N, 4 * b0, std::min(N, 4 * b1));
+  });
+}
+
+#pragma GCC pop_options
+#endif
+
+// Whether the streaming kernel takes this call: AVX512, fp32 or bf16 throughout, a contiguous
+// 2-D weight, rows contiguous in the last dim, at most kMaxRows rows, a contiguous `out`.
+bool takes(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+           const at::Tensor& out) {
+#ifdef XLLM_LINEAR_AVX512
+  const auto dt = x.scalar_type();
+  if (!xllm_use_avx512() || (dt != at::kFloat && dt != at::kBFloat16)) return false;
+  if (w.scalar_type() != dt || out.scalar_type() != dt || w.dim() != 2 || !w.is_contiguous())
+    return false;
+  if (x.dim() < 1 || x.size(-1) != w.size(1) || x.size(-1) == 0 || !out.is_contiguous())
+    return false;
+  const int64_t rows = x.size(-1) ? x.numel() / x.size(-1) : 0;
+  if (rows == 0 || rows > (dt == at::kFloat ? kMaxRowsF32 : kMaxRowsBF16)) return false;
+  if (b && (b->scalar_type() != dt || b->dim() != 1 || !b->is_contiguous() || b->size(0) != w.size(0)))
+    return false;
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& x, const at::Tensor& w) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = w.size(0);
+  return shape;
+}
+
+at::Tensor& linear_out(const at::Tensor& x, const at::Tensor& w,
+                       const std::optional<at::Tensor>& b, at::Tensor& out) {
+  const auto shape = out_shape(x, w);
+  if (out.sizes() != at::IntArrayRef(shape)) out.resize_(shape);
+  if (!takes(x, w, b, out)) {
+    return at::linear_out(out, x, w, b);
+  }
+#ifdef XLLM_LINEAR_AVX512
+  const int64_t K = x.size(-1);
+  at::Tensor x2 = x.reshape({-1, K});
+  at::Tensor out2 = out.view({-1, w.size(0)});
+  const at::Tensor* bp = b ? &*b : nullptr;
+  if (x.scalar_type() == at::kFloat) {
+    linear_small<float>(x2, w, bp, out2);
+  } else {
+    linear_small<c10::BFloat16>(x2, w, bp, out2);
+  }
+#endif
+  return out;
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  at::Tensor out = at::empty(out_shape(x, w), x.options());
+  if (!takes(x, w, b, out)) return at::linear(x, w, b);
+  return linear_out(x, w, b, out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(xllm, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("linear.out", &linear_out);
+}
