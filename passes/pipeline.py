@@ -13,7 +13,6 @@ from xllm_compile.passes.cleanup import Cleanup
 from xllm_compile.passes.fuse_rms_norm import FuseRMSNorm
 from xllm_compile.passes.fuse_rotary import FuseRotary
 from xllm_compile.passes.fuse_silu_mul import FuseSiluMul
-from xllm_compile.passes.linear_kernel import LinearKernel
 from xllm_compile.passes.lower_ops import LowerOps
 from xllm_compile.passes.merge_gate_up import MergeGateUp
 from xllm_compile.passes.merge_qkv import MergeQKV
@@ -25,8 +24,7 @@ PIPELINE: tuple[type[Pass], ...] = (
     MergeGateUp,  # before fuse_silu_mul, which then reads the two halves of the merged matmul
     FuseSiluMul,
     FuseRotary,  # after merge_qkv: pairs q and k by the matmul they come from
-    LinearKernel,  # after the merges and fusions, which match aten.linear
-    LowerOps,  # last: binds whatever xllm:: ops the passes above emitted
+    LowerOps,  # last: binds whatever xllm:: ops the passes above emitted (and aten.linear)
 )
 
 

@@ -44,7 +44,7 @@ def test_default_pipeline_counts(family, family_models):
     assert by_name["merge_qkv"]["matches"] == LAYERS
     assert by_name["merge_gate_up"]["matches"] == LAYERS
     assert by_name["fuse_rotary"]["details"]["unpaired"] == 0
-    assert by_name["linear_kernel"]["replaced"] == {"linear": 4 * LAYERS + 1}
+    assert by_name["lower_ops"]["replaced"]["aten.linear -> xllm::linear"] == 4 * LAYERS + 1
     assert by_name["lower_ops"]["details"]["bindings"]["xllm::linear"] == "cpu kernel"
     params = manifest["program"]["params"]
     assert sum(p.endswith("qkv_proj.weight") for p in params) == LAYERS

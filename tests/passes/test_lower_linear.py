@@ -1,5 +1,6 @@
-"""linear_kernel: aten.linear -> xllm::linear on CPU for fp32/bf16 (with and without bias, on the
-decode-sized token counts the kernel takes and beyond); fp16 and other devices keep aten.linear."""
+"""lower_ops' matmul lowering: aten.linear -> xllm::linear on CPU for fp32/bf16 (with and
+without bias, on the token counts the kernel takes and beyond); fp16 and other devices keep
+aten.linear."""
 
 from __future__ import annotations
 
@@ -26,16 +27,18 @@ def test_linears_use_the_kernel(dtype, num_tokens):
     torch.manual_seed(0)
     ep = export(MLP().to(dtype), torch.randn(4, 32, dtype=dtype))
     inputs = (torch.randn(num_tokens, 32, dtype=dtype),)
-    [rec], ctx, err = run_passes(ep, ["linear_kernel"], inputs, dtype)
+    [rec], ctx, err = run_passes(ep, ["lower_ops"], inputs, dtype)
     assert err < tolerance(dtype)
-    assert rec["stats"]["replaced"] == {"linear": 2} and rec["stats"]["matches"] == 2
+    replaced = rec["stats"]["replaced"]
+    assert replaced["aten.linear -> xllm::linear"] == 2 and replaced["cpu kernel"] == 1
+    assert rec["stats"]["details"]["bindings"] == {"xllm::linear": "cpu kernel"}
     assert count_ops(ctx.gm, xllm.linear) == 2 and count_ops(ctx.gm, aten.linear) == 0
 
 
 def test_fp16_and_other_devices_keep_aten():
     ep = export(MLP().half(), torch.randn(4, 32, dtype=torch.float16))
-    [rec], ctx, _ = run_passes(ep, ["linear_kernel"], (torch.randn(3, 32).half(),), torch.float16)
-    assert rec["stats"]["replaced"] == {"kept": 2} and count_ops(ctx.gm, aten.linear) == 2
+    [rec], ctx, _ = run_passes(ep, ["lower_ops"], (torch.randn(3, 32).half(),), torch.float16)
+    assert rec["stats"]["details"]["linear_kept"] == 2 and count_ops(ctx.gm, aten.linear) == 2
     ep = export(MLP(), torch.randn(4, 32))
-    [rec], ctx, _ = run_passes(ep, ["linear_kernel"], (torch.randn(3, 32),), device="cuda")
-    assert "cuda keeps aten.linear" in rec["skipped"] and count_ops(ctx.gm, aten.linear) == 2
+    [rec], ctx, _ = run_passes(ep, ["lower_ops"], (torch.randn(3, 32),), device="cuda")
+    assert rec["skipped"] and count_ops(ctx.gm, aten.linear) == 2
