@@ -1,15 +1,17 @@
 // xllm::linear: y = x @ w^T (+ b) for the few rows of a decode step, streaming each weight row
 // from memory once for all rows. ATen's CPU linear (MKL / oneDNN) packs the weight for a GEMM
 // from 4 rows up and then reads it at about half the memory bandwidth (SmolLM2's matrices, this
-// 2-core AVX512 machine: 24 GB/s at 1-3 rows, 12-14 GB/s at 4-16), and bf16 weights at 10 GB/s
+// 2-core AVX512 machine: 24 GB/s at 1-3 rows, 12-14 GB/s at 4-16), and bf16 weights at 10-17 GB/s
 // at any row count; a decode step is little else than that read. Here a block of 4 weight rows is
 // loaded once and multiplied with up to 4 activation rows at a time (16 fp32 accumulators), the
-// block staying in L1 while the next 4 activation rows pass. bf16 weights are widened in
-// registers (a shift), activations once per call; sums are fp32, the result rounded once.
-// More rows than kMaxRows* (compute-bound: a GEMM's blocking wins), other dtypes, layouts or
-// CPUs without AVX512 call ATen. Each block also prefetches the next block's weight rows: the
-// hardware prefetcher restarts on every row, and without it compute and memory did not overlap
-// (4-16 rows ran at 12-16 GB/s instead of ~20). Figures: tools/bench/bench_kernels.py --ops linear.
+// block staying in L1 while the next 4 activation rows pass; the 16 sums leave through one
+// transpose-and-add tree. fp32: fp32 FMAs. bf16: vdpbf16ps on bf16 rows as they are where the CPU
+// has AVX512_BF16, else the weights widened in registers (a shift) against activations widened
+// once per call; sums are fp32 either way, the result rounded once. Each block prefetches the
+// next block's weight rows: the hardware prefetcher restarts on every row, and without it compute
+// and memory did not overlap (4-16 rows ran at 12-16 GB/s instead of ~20). More rows than
+// kMaxRows* (compute-bound: a GEMM's blocking wins), other dtypes, layouts or CPUs without AVX512
+// call ATen. Figures: tools/bench/bench_kernels.py --ops linear.
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
@@ -49,59 +51,154 @@ inline __m512 load_w(const W* p, __mmask16 m) {
   }
 }
 
-// acc_out[m][n] = sum_k x[m][k] * w[n][k] for NB weight rows and MB activation rows; x fp32.
-// The loops over m and n must unroll completely for the accumulators to stay in registers.
-// `next` (or null): the following block's weight rows, prefetched into cache meanwhile so that
-// memory streams while this block computes (the hardware prefetcher restarts on every row).
-template <typename W, int NB, int MB>
-inline void block(const float* x, int64_t K, const W* w, const W* next, float (*acc_out)[4]) {
+// The prefetch of the next block's rows at element k (64 bytes of each of the 4 rows).
+template <typename W>
+inline void prefetch_next(const W* next, int64_t K, int64_t k) {
+  if (next == nullptr) return;
+#pragma GCC unroll 4
+  for (int n = 0; n < 4; ++n)
+    _mm_prefetch(reinterpret_cast<const char*>(next + n * K + k), _MM_HINT_T0);
+}
+
+// Lane i of the result = the sum of v[i]'s 16 lanes, for 16 vectors at once: a transpose-and-add
+// tree (45 instructions) instead of 16 horizontal reductions (~7 each), which took ~40% of a
+// block at K = 576.
+inline __m512 reduce16(const __m512* v) {
+  __m512 s1[8], s2[4];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)  // per 128-bit block: [a0+a2, b0+b2, a1+a3, b1+b3]
+    s1[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                          _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // per 128-bit block: [a, b, c, d] partial sums
+    const __m512d x = _mm512_castps_pd(s1[2 * i]), y = _mm512_castps_pd(s1[2 * i + 1]);
+    s2[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                          _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  auto fold = [](__m512 a, __m512 b) {  // blocks [a0+a1, a2+a3, b0+b1, b2+b3]
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+  };
+  return fold(fold(s2[0], s2[1]), fold(s2[2], s2[3]));
+}
+
+// acc_out[m][n] = the sum of acc[m][n]'s lanes.
+template <int NB, int MB>
+inline void reduce_block(__m512 (&acc)[MB][NB], float (*acc_out)[4]) {
+  if constexpr (NB == 4 && MB == 4) {
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, reduce16(&acc[0][0]));
+#pragma GCC unroll 4
+    for (int m = 0; m < 4; ++m)
+#pragma GCC unroll 4
+      for (int n = 0; n < 4; ++n) acc_out[m][n] = sums[4 * m + n];
+  } else {
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 4
+      for (int n = 0; n < NB; ++n) acc_out[m][n] = _mm512_reduce_add_ps(acc[m][n]);
+  }
+}
+
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,avx512bf16")
+// DotBF16's block (see below), compiled for AVX512_BF16 apart from the rest.
+template <int NB, int MB>
+void dot_bf16_block(const c10::BFloat16* x, int64_t K, const c10::BFloat16* w,
+                    const c10::BFloat16* next, float (*acc_out)[4]) {
   __m512 acc[MB][NB];
 #pragma GCC unroll 4
   for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 4
     for (int n = 0; n < NB; ++n) acc[m][n] = _mm512_setzero_ps();
-  auto step = [&](int64_t k, __mmask16 mask) __attribute__((always_inline)) {
-    __m512 wv[NB];
+  auto step = [&](int64_t k, __mmask32 mask) __attribute__((always_inline)) {
+    __m512bh wv[NB];
 #pragma GCC unroll 4
-    for (int n = 0; n < NB; ++n) wv[n] = load_w(w + n * K + k, mask);
-    if (next != nullptr) {
-#pragma GCC unroll 4
-      for (int n = 0; n < 4; ++n)
-        _mm_prefetch(reinterpret_cast<const char*>(next + n * K + k), _MM_HINT_T0);
-    }
+    for (int n = 0; n < NB; ++n) wv[n] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + n * K + k);
+    prefetch_next(next, K, k);
 #pragma GCC unroll 4
     for (int m = 0; m < MB; ++m) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
 #pragma GCC unroll 4
-      for (int n = 0; n < NB; ++n) acc[m][n] = _mm512_fmadd_ps(xv, wv[n], acc[m][n]);
+      for (int n = 0; n < NB; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], xv, wv[n]);
     }
   };
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) step(k, __mmask16(0xFFFF));
-  if (k < K) step(k, __mmask16((1u << (K - k)) - 1));
-#pragma GCC unroll 4
-  for (int m = 0; m < MB; ++m)
-#pragma GCC unroll 4
-    for (int n = 0; n < NB; ++n) acc_out[m][n] = _mm512_reduce_add_ps(acc[m][n]);
+  for (; k + 32 <= K; k += 32) step(k, ~__mmask32(0));
+  if (k < K) step(k, __mmask32((1ull << (K - k)) - 1));
+  reduce_block<NB, MB>(acc, acc_out);
 }
+#pragma GCC pop_options
 
-template <typename W, int NB>
-inline void rows_block(const float* x, int64_t M, int64_t K, const W* w, const W* next,
-                       float (*acc)[4], int64_t m0) {
-  const float* xm = x + m0 * K;
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+// How a block of NB weight rows times MB activation rows is computed: acc_out[m][n] =
+// sum_k x[m][k] * w[n][k]. The loops over m and n must unroll completely for the accumulators to
+// stay in registers. `next` (or null): the following block's weight rows, prefetched meanwhile
+// so that memory streams while this block computes (the hardware prefetcher restarts on every
+// row). Widen<W>: activations widened to fp32 once per call, weights (fp32, or bf16 shifted into
+// fp32) in registers, fp32 FMAs: any AVX512 CPU.
+template <typename W>
+struct Widen {
+  using X = float;
+  using Wt = W;
+  template <int NB, int MB>
+  static void block(const X* x, int64_t K, const W* w, const W* next, float (*acc_out)[4]) {
+    __m512 acc[MB][NB];
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 4
+      for (int n = 0; n < NB; ++n) acc[m][n] = _mm512_setzero_ps();
+    auto step = [&](int64_t k, __mmask16 mask) __attribute__((always_inline)) {
+      __m512 wv[NB];
+#pragma GCC unroll 4
+      for (int n = 0; n < NB; ++n) wv[n] = load_w(w + n * K + k, mask);
+      prefetch_next(next, K, k);
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) {
+        const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+#pragma GCC unroll 4
+        for (int n = 0; n < NB; ++n) acc[m][n] = _mm512_fmadd_ps(xv, wv[n], acc[m][n]);
+      }
+    };
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) step(k, __mmask16(0xFFFF));
+    if (k < K) step(k, __mmask16((1u << (K - k)) - 1));
+    reduce_block<NB, MB>(acc, acc_out);
+  }
+};
+
+// DotBF16: bf16 activations and weights as they are, vdpbf16ps (32 products per instruction,
+// fp32 sums): half the instructions of Widen<bf16>, on CPUs with AVX512_BF16. Its block is
+// compiled for that ISA apart (above) and only ever called where the CPU has it.
+struct DotBF16 {
+  using X = c10::BFloat16;
+  using Wt = c10::BFloat16;
+  template <int NB, int MB>
+  static void block(const X* x, int64_t K, const Wt* w, const Wt* next, float (*acc_out)[4]) {
+    dot_bf16_block<NB, MB>(x, K, w, next, acc_out);
+  }
+};
+
+template <typename P, int NB>
+inline void rows_block(const typename P::X* x, int64_t M, int64_t K, const typename P::Wt* w,
+                       const typename P::Wt* next, float (*acc)[4], int64_t m0) {
+  const typename P::X* xm = x + m0 * K;
   next = m0 == 0 ? next : nullptr;  // the first pass over the block streams it in
   switch (std::min<int64_t>(M - m0, 4)) {
-    case 4: block<W, NB, 4>(xm, K, w, next, acc); break;
-    case 3: block<W, NB, 3>(xm, K, w, next, acc); break;
-    case 2: block<W, NB, 2>(xm, K, w, next, acc); break;
-    default: block<W, NB, 1>(xm, K, w, next, acc); break;
+    case 4: P::template block<NB, 4>(xm, K, w, next, acc); break;
+    case 3: P::template block<NB, 3>(xm, K, w, next, acc); break;
+    case 2: P::template block<NB, 2>(xm, K, w, next, acc); break;
+    default: P::template block<NB, 1>(xm, K, w, next, acc); break;
   }
 }
 
 // Weight rows [n0, n1) for every activation row: NB = 4 weight rows at a time, 1 at the tail.
-template <typename W, typename O>
-void linear_rows(const float* x, int64_t M, int64_t K, const W* w, const O* bias, O* out,
-                 int64_t N, int64_t n0, int64_t n1) {
+template <typename P, typename O>
+void linear_rows(const typename P::X* x, int64_t M, int64_t K, const typename P::Wt* w,
+                 const O* bias, O* out, int64_t N, int64_t n0, int64_t n1) {
   float acc[4][4];
   auto emit = [&](int64_t m0, int64_t n, int nb) {
     for (int m = 0; m < 4 && m0 + m < M; ++m)
@@ -112,36 +209,48 @@ void linear_rows(const float* x, int64_t M, int64_t K, const W* w, const O* bias
   };
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
-    const W* next = n + 8 <= n1 ? w + (n + 4) * K : nullptr;
+    const typename P::Wt* next = n + 8 <= n1 ? w + (n + 4) * K : nullptr;
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      rows_block<W, 4>(x, M, K, w + n * K, next, acc, m0);
+      rows_block<P, 4>(x, M, K, w + n * K, next, acc, m0);
       emit(m0, n, 4);
     }
   }
   for (; n < n1; ++n)
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      rows_block<W, 1>(x, M, K, w + n * K, nullptr, acc, m0);
+      rows_block<P, 1>(x, M, K, w + n * K, nullptr, acc, m0);
       emit(m0, n, 1);
     }
 }
 
-template <typename T>
-void linear_small(const at::Tensor& x2, const at::Tensor& w, const at::Tensor* b, at::Tensor& out2) {
+template <typename P, typename T>
+void linear_small(const at::Tensor& x2, const at::Tensor& w, const at::Tensor* b,
+                  at::Tensor& out2) {
   const int64_t M = x2.size(0), K = x2.size(1), N = w.size(0);
-  at::Tensor xf = x2.to(at::kFloat).contiguous();  // the few activation rows, widened once
-  const float* x = xf.const_data_ptr<float>();
-  const T* wp = w.const_data_ptr<T>();
+  constexpr auto xtype = std::is_same_v<typename P::X, float> ? at::kFloat : at::kBFloat16;
+  at::Tensor xc = x2.to(xtype).contiguous();  // the few activation rows, once per call
+  const auto* x = xc.const_data_ptr<typename P::X>();
+  const auto* wp = w.const_data_ptr<typename P::Wt>();
   const T* bp = b ? b->const_data_ptr<T>() : nullptr;
   T* op = out2.data_ptr<T>();
   const int64_t blocks = (N + 3) / 4;
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(4 * K, 1));
   xllm_parallel_for(blocks, grain, [&](int64_t b0, int64_t b1) {
-    linear_rows<T, T>(x, M, K, wp, bp, op, N, 4 * b0, std::min(N, 4 * b1));
+    linear_rows<P, T>(x, M, K, wp, bp, op, N, 4 * b0, std::min(N, 4 * b1));
   });
 }
 
 #pragma GCC pop_options
+
 #endif
+
+bool has_avx512_bf16() {
+#ifdef XLLM_LINEAR_AVX512
+  static const bool yes = __builtin_cpu_supports("avx512bf16");
+  return yes;
+#else
+  return false;
+#endif
+}
 
 // Whether the streaming kernel takes this call: AVX512, fp32 or bf16 throughout, a contiguous
 // 2-D weight, rows contiguous in the last dim, at most kMaxRows rows, a contiguous `out`.
@@ -183,9 +292,11 @@ at::Tensor& linear_out(const at::Tensor& x, const at::Tensor& w,
   at::Tensor out2 = out.view({-1, w.size(0)});
   const at::Tensor* bp = b ? &*b : nullptr;
   if (x.scalar_type() == at::kFloat) {
-    linear_small<float>(x2, w, bp, out2);
+    linear_small<Widen<float>, float>(x2, w, bp, out2);
+  } else if (has_avx512_bf16()) {
+    linear_small<DotBF16, c10::BFloat16>(x2, w, bp, out2);
   } else {
-    linear_small<c10::BFloat16>(x2, w, bp, out2);
+    linear_small<Widen<c10::BFloat16>, c10::BFloat16>(x2, w, bp, out2);
   }
 #endif
   return out;
