@@ -17,7 +17,11 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = [str(Path(__file__).with_name(f)) for f in ("xllm_cpu.cpp", "xllm_linear.cpp")]
+HERE = Path(__file__).parent
+SOURCES = [str(HERE / f) for f in ("xllm_cpu.cpp", "xllm_linear.cpp", "xllm_decode_attention.cpp")]
+# The JIT build versions itself on the sources' text and the flags only: a hash of the headers
+# goes into the flags so that editing one rebuilds too.
+HEADERS = ("xllm_avx512.h",)
 OPS = (
     "rms_norm",
     "fused_add_rms_norm",
@@ -44,7 +48,7 @@ def ensure_loaded() -> str | None:
         load(
             name="xllm_cpu_kernels",
             sources=SOURCES,
-            extra_cflags=["-O3"],
+            extra_cflags=["-O3", f"-DXLLM_HEADERS={_headers_hash()}"],
             is_python_module=False,
             verbose=False,
         )
@@ -53,6 +57,15 @@ def ensure_loaded() -> str | None:
         log.warning("%s; running the reference implementations", reason)
         return reason
     return None
+
+
+def _headers_hash() -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in HEADERS:
+        h.update((HERE / name).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def dispatch_or_fallback(op_name: str, reference, *args):

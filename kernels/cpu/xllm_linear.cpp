@@ -12,19 +12,13 @@
 // and memory did not overlap (4-16 rows ran at 12-16 GB/s instead of ~20). More rows than
 // kMaxRows* (compute-bound: a GEMM's blocking wins), other dtypes, layouts or CPUs without AVX512
 // call ATen. Figures: tools/bench/bench_kernels.py --ops linear.
-#include <ATen/ATen.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <functional>
 #include <optional>
 #include <vector>
 
-// Defined in xllm_cpu.cpp: f(begin, end) over [0, n) on ATen's intra-op threads.
-void xllm_parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& f);
-// Defined in xllm_cpu.cpp: whether the AVX512 loops may run on this CPU.
-bool xllm_use_avx512();
+#include "xllm_avx512.h"
 
 namespace {
 
@@ -35,52 +29,12 @@ constexpr int64_t kMaxRowsBF16 = 8;
 // Weight elements per parallel task: ~10 us of streaming at ~20 GB/s.
 constexpr int64_t kGrainElems = 1 << 16;
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define XLLM_LINEAR_AVX512 1
+#ifdef XLLM_AVX512
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
-#include <immintrin.h>
-
-template <typename W>
-inline __m512 load_w(const W* p, __mmask16 m) {
-  if constexpr (std::is_same_v<W, float>) {
-    return _mm512_maskz_loadu_ps(m, p);
-  } else {  // bf16: the high half of an fp32
-    __m256i h = _mm256_maskz_loadu_epi16(m, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-}
-
-// The prefetch of the next block's rows at element k (64 bytes of each of the 4 rows).
-template <typename W>
-inline void prefetch_next(const W* next, int64_t K, int64_t k) {
-  if (next == nullptr) return;
-#pragma GCC unroll 4
-  for (int n = 0; n < 4; ++n)
-    _mm_prefetch(reinterpret_cast<const char*>(next + n * K + k), _MM_HINT_T0);
-}
-
-// Lane i of the result = the sum of v[i]'s 16 lanes, for 16 vectors at once: a transpose-and-add
-// tree (45 instructions) instead of 16 horizontal reductions (~7 each), which took ~40% of a
-// block at K = 576.
-inline __m512 reduce16(const __m512* v) {
-  __m512 s1[8], s2[4];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i)  // per 128-bit block: [a0+a2, b0+b2, a1+a3, b1+b3]
-    s1[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
-                          _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {  // per 128-bit block: [a, b, c, d] partial sums
-    const __m512d x = _mm512_castps_pd(s1[2 * i]), y = _mm512_castps_pd(s1[2 * i + 1]);
-    s2[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
-                          _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  auto fold = [](__m512 a, __m512 b) {  // blocks [a0+a1, a2+a3, b0+b1, b2+b3]
-    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
-  };
-  return fold(fold(s2[0], s2[1]), fold(s2[2], s2[3]));
-}
+using xllm_avx512::load16;
+using xllm_avx512::prefetch4;
+using xllm_avx512::reduce16;
 
 // acc_out[m][n] = the sum of acc[m][n]'s lanes.
 template <int NB, int MB>
@@ -117,7 +71,7 @@ void dot_bf16_block(const c10::BFloat16* x, int64_t K, const c10::BFloat16* w,
     __m512bh wv[NB];
 #pragma GCC unroll 4
     for (int n = 0; n < NB; ++n) wv[n] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + n * K + k);
-    prefetch_next(next, K, k);
+    prefetch4(next, K, k);
 #pragma GCC unroll 4
     for (int m = 0; m < MB; ++m) {
       const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
@@ -154,8 +108,8 @@ struct Widen {
     auto step = [&](int64_t k, __mmask16 mask) __attribute__((always_inline)) {
       __m512 wv[NB];
 #pragma GCC unroll 4
-      for (int n = 0; n < NB; ++n) wv[n] = load_w(w + n * K + k, mask);
-      prefetch_next(next, K, k);
+      for (int n = 0; n < NB; ++n) wv[n] = load16(w + n * K + k, mask);
+      prefetch4(next, K, k);
 #pragma GCC unroll 4
       for (int m = 0; m < MB; ++m) {
         const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
@@ -244,7 +198,7 @@ void linear_small(const at::Tensor& x2, const at::Tensor& w, const at::Tensor* b
 #endif
 
 bool has_avx512_bf16() {
-#ifdef XLLM_LINEAR_AVX512
+#ifdef XLLM_AVX512
   static const bool yes = __builtin_cpu_supports("avx512bf16");
   return yes;
 #else
@@ -256,7 +210,7 @@ bool has_avx512_bf16() {
 // 2-D weight, rows contiguous in the last dim, at most kMaxRows rows, a contiguous `out`.
 bool takes(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
            const at::Tensor& out) {
-#ifdef XLLM_LINEAR_AVX512
+#ifdef XLLM_AVX512
   const auto dt = x.scalar_type();
   if (!xllm_use_avx512() || (dt != at::kFloat && dt != at::kBFloat16)) return false;
   if (w.scalar_type() != dt || out.scalar_type() != dt || w.dim() != 2 || !w.is_contiguous())
@@ -286,7 +240,7 @@ at::Tensor& linear_out(const at::Tensor& x, const at::Tensor& w,
   if (!takes(x, w, b, out)) {
     return at::linear_out(out, x, w, b);
   }
-#ifdef XLLM_LINEAR_AVX512
+#ifdef XLLM_AVX512
   const int64_t K = x.size(-1);
   at::Tensor x2 = x.reshape({-1, K});
   at::Tensor out2 = out.view({-1, w.size(0)});
