@@ -5,9 +5,10 @@
 // SDPA once per sequence: at batch 8 that was 38% of a SmolLM2 bf16 decode step, most of it
 // copies and per-sequence dispatch (torch.profiler).
 //
-// Per (sequence, KV head): each query head of the group scores the rows 16 at a time (fp32 FMAs
-// over head_dim, the 16 sums from one transpose-and-add tree), softmax in fp32 (max-subtracted,
-// std::exp), then sums the V rows weighted, rounded to the activation dtype once.
+// Per (sequence, KV head): every K row is loaded once for all query heads of the group, which
+// score it with fp32 FMAs over head_dim (16 rows' sums from one transpose-and-add tree); softmax
+// in fp32 (max-subtracted, a vectorized exp); then every V row, loaded once per 4 (head_dim 64)
+// or 2 (128) heads, is summed in weighted, rounded to the activation dtype once.
 #include "xllm_avx512.h"
 
 #include <algorithm>
@@ -35,59 +36,115 @@ inline void prefetch_row(const T* p) {
 // layers apart), where the hardware prefetcher does not follow.
 constexpr int64_t kAhead = 16;
 
-// out = softmax(scale * q . K[lo:len]) . V[lo:len] for the query heads q[0..g) (q_stride apart)
-// sharing one KV head; K/V rows `row` elements apart; DV = head_dim / 16.
+// Query heads per KV head the fast path takes (Llama/Qwen/Mistral use up to 8).
+constexpr int64_t kMaxGroup = 16;
+
+// e^x for x <= 0 (scores minus their max), lanes below -87 flush to 0: 2^n * p(r) with
+// n = round(x / ln 2), |r| <= ln2 / 2 and p the degree-6 Taylor polynomial (relative error
+// < 4e-7, below the fp32 softmax's own rounding at these lengths).
+inline __m512 exp_neg(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln 2, split in two
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// out = softmax(scale * q . K[lo:len]) . V[lo:len] for the g (<= kMaxGroup) query heads q[0..g)
+// (q_stride apart) sharing one KV head; K/V rows `row` elements apart; DV = head_dim / 16.
+// Each K and V row is loaded (and widened) once for all g heads; scores [g][n16] in `scores`.
 template <typename T, int DV>
 void head_group(const T* q, int64_t q_stride, int64_t g, const T* k, const T* v, int64_t row,
                 int64_t lo, int64_t len, float scale, T* out, int64_t out_stride,
                 std::vector<float>& scores) {
-  const int64_t n = len - lo;
-  scores.resize(n + 16);
+  const int64_t n = len - lo, n16 = (n + 15) / 16 * 16;
+  scores.resize(g * n16);
+  float* sc = scores.data();
+  __m512 qv[kMaxGroup][DV];
+  for (int64_t j = 0; j < g; ++j)
+#pragma GCC unroll 8
+    for (int d = 0; d < DV; ++d)
+      qv[j][d] = _mm512_mul_ps(load16(q + j * q_stride + 16 * d), _mm512_set1_ps(scale));
+  // scores, 16 rows at a time: part[j][i] holds row i's products for head j, summed by one tree
+  for (int64_t i = 0; i < std::min(n, kAhead); ++i) prefetch_row<T, DV>(k + (lo + i) * row);
+  alignas(64) __m512 part[kMaxGroup][16];
+  for (int64_t t = 0; t < n; t += 16) {
+    const int64_t rows = std::min<int64_t>(16, n - t);
+    for (int64_t i = t + kAhead; i < std::min(n, t + 16 + kAhead); ++i)
+      prefetch_row<T, DV>(k + (lo + i) * row);
+    for (int64_t i = 0; i < 16; ++i) {
+      if (i >= rows) {  // past the end: zero products (their lanes are dropped below)
+        for (int64_t j = 0; j < g; ++j) part[j][i] = _mm512_setzero_ps();
+        continue;
+      }
+      const T* kr = k + (lo + t + i) * row;
+      __m512 kv[DV];
+#pragma GCC unroll 8
+      for (int d = 0; d < DV; ++d) kv[d] = load16(kr + 16 * d);
+      for (int64_t j = 0; j < g; ++j) {
+        __m512 acc = _mm512_mul_ps(qv[j][0], kv[0]);
+#pragma GCC unroll 8
+        for (int d = 1; d < DV; ++d) acc = _mm512_fmadd_ps(qv[j][d], kv[d], acc);
+        part[j][i] = acc;
+      }
+    }
+    for (int64_t j = 0; j < g; ++j) _mm512_storeu_ps(sc + j * n16 + t, reduce16(part[j]));
+  }
+  // softmax numerators in place, per head; the lanes past n are set to 0
+  float inv[kMaxGroup];
+  const __mmask16 tail = n % 16 ? __mmask16((1u << (n % 16)) - 1) : __mmask16(0xFFFF);
   for (int64_t j = 0; j < g; ++j) {
-    __m512 qv[DV];
-    const __m512 s = _mm512_set1_ps(scale);
-#pragma GCC unroll 8
-    for (int d = 0; d < DV; ++d) qv[d] = _mm512_mul_ps(load16(q + j * q_stride + 16 * d), s);
-    auto dot = [&](int64_t t) __attribute__((always_inline)) {
-      const T* kr = k + t * row;
-      __m512 acc = _mm512_mul_ps(qv[0], load16(kr));
-#pragma GCC unroll 8
-      for (int d = 1; d < DV; ++d) acc = _mm512_fmadd_ps(qv[d], load16(kr + 16 * d), acc);
-      return acc;
-    };
-    int64_t t = lo;
-    if (j == 0)
-      for (int64_t i = lo; i < std::min(len, lo + kAhead); ++i) prefetch_row<T, DV>(k + i * row);
-    for (; t + 16 <= len; t += 16) {
-      if (j == 0)
-        for (int64_t i = t + kAhead; i < std::min(len, t + 16 + kAhead); ++i)
-          prefetch_row<T, DV>(k + i * row);
-      __m512 part[16];
-#pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i) part[i] = dot(t + i);
-      _mm512_storeu_ps(scores.data() + (t - lo), reduce16(part));
+    float* s = sc + j * n16;
+    __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t t = 0; t < n16; t += 16)
+      top = _mm512_mask_max_ps(top, t + 16 <= n ? __mmask16(0xFFFF) : tail, top,
+                               _mm512_loadu_ps(s + t));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n16; t += 16) {
+      const __mmask16 live = t + 16 <= n ? __mmask16(0xFFFF) : tail;
+      const __m512 e = _mm512_maskz_mov_ps(live, exp_neg(_mm512_sub_ps(_mm512_loadu_ps(s + t), m)));
+      _mm512_storeu_ps(s + t, e);
+      sum = _mm512_add_ps(sum, e);
     }
-    for (; t < len; ++t) scores[t - lo] = _mm512_reduce_add_ps(dot(t));
-    float top = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < n; ++i) top = std::max(top, scores[i]);
-    float sum = 0.f;
-    for (int64_t i = 0; i < n; ++i) sum += (scores[i] = std::exp(scores[i] - top));
-    __m512 acc[DV];
+    inv[j] = 1.f / _mm512_reduce_add_ps(sum);
+  }
+  // weighted V rows: heads in chunks of JC (JC * DV accumulators stay in registers)
+  constexpr int JC = 16 / DV;
+  for (int64_t i = 0; i < std::min(n, kAhead); ++i) prefetch_row<T, DV>(v + (lo + i) * row);
+  for (int64_t j0 = 0; j0 < g; j0 += JC) {
+    const int64_t jn = std::min<int64_t>(JC, g - j0);
+    __m512 acc[JC][DV];
+#pragma GCC unroll 4
+    for (int j = 0; j < JC; ++j)
 #pragma GCC unroll 8
-    for (int d = 0; d < DV; ++d) acc[d] = _mm512_setzero_ps();
+      for (int d = 0; d < DV; ++d) acc[j][d] = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; ++i) {
-      if (j == 0 && i + kAhead < n) prefetch_row<T, DV>(v + (lo + i + kAhead) * row);
-      const __m512 p = _mm512_set1_ps(scores[i]);
+      if (j0 == 0 && i + kAhead < n) prefetch_row<T, DV>(v + (lo + i + kAhead) * row);
       const T* vr = v + (lo + i) * row;
+      __m512 vv[DV];
 #pragma GCC unroll 8
-      for (int d = 0; d < DV; ++d) acc[d] = _mm512_fmadd_ps(p, load16(vr + 16 * d), acc[d]);
+      for (int d = 0; d < DV; ++d) vv[d] = load16(vr + 16 * d);
+#pragma GCC unroll 4
+      for (int j = 0; j < JC; ++j) {
+        if (j >= jn) break;
+        const __m512 p = _mm512_set1_ps(sc[(j0 + j) * n16 + i]);
+#pragma GCC unroll 8
+        for (int d = 0; d < DV; ++d) acc[j][d] = _mm512_fmadd_ps(p, vv[d], acc[j][d]);
+      }
     }
-    const __m512 inv = _mm512_set1_ps(1.f / sum);
-    alignas(64) float o[16 * DV];
+    for (int64_t j = 0; j < jn; ++j) {
+      alignas(64) float o[16 * DV];
+      const __m512 w = _mm512_set1_ps(inv[j0 + j]);
 #pragma GCC unroll 8
-    for (int d = 0; d < DV; ++d) _mm512_store_ps(o + 16 * d, _mm512_mul_ps(acc[d], inv));
-    T* dst = out + j * out_stride;
-    for (int d = 0; d < 16 * DV; ++d) dst[d] = static_cast<T>(o[d]);
+      for (int d = 0; d < DV; ++d) _mm512_store_ps(o + 16 * d, _mm512_mul_ps(acc[j][d], w));
+      T* dst = out + (j0 + j) * out_stride;
+      for (int d = 0; d < 16 * DV; ++d) dst[d] = static_cast<T>(o[d]);
+    }
   }
 }
 
@@ -126,7 +183,8 @@ void decode_all(const at::Tensor& q, const at::Tensor& cache, const int64_t* slo
 // Attention of B one-token queries q [B, H, D] over this layer's cache [2, S, M, Hkv, D]
 // (sequence b in slot slot[b], its first slen[b] rows, the last `window` only when window > 0)
 // into out [B, H, D]. Returns false, touching nothing, where the fast path does not apply: no
-// AVX512, a dtype other than fp32/bf16 or mixed, head_dim not 64 or 128, or layouts it does not
+// AVX512, a dtype other than fp32/bf16 or mixed, head_dim not 16/32/64/128, more than 16 query
+// heads per KV head, or layouts it does not
 // take (the caller then runs the general path).
 bool xllm_decode_attention(const at::Tensor& q, const at::Tensor& cache, const int64_t* slot,
                            const int64_t* slen, int64_t window, double scale, at::Tensor& out) {
@@ -136,19 +194,24 @@ bool xllm_decode_attention(const at::Tensor& q, const at::Tensor& cache, const i
   if (cache.scalar_type() != dt || out.scalar_type() != dt || q.dim() != 3 || cache.dim() != 5)
     return false;
   const int64_t D = q.size(2), H = q.size(1), Hkv = cache.size(3);
-  if ((D != 64 && D != 128) || cache.size(4) != D || H % Hkv != 0) return false;
+  if ((D != 16 && D != 32 && D != 64 && D != 128) || cache.size(4) != D || H % Hkv != 0 ||
+      H / Hkv > kMaxGroup)
+    return false;
   if (q.stride(2) != 1 || cache.stride(4) != 1 || out.stride(2) != 1) return false;
   for (int64_t b = 0; b < q.size(0); ++b)
     if (slen[b] < 1 || slen[b] > cache.size(2) || slot[b] < 0 || slot[b] >= cache.size(1))
       return false;
   const float s = static_cast<float>(scale);
-  if (dt == at::kFloat) {
-    D == 64 ? decode_all<float, 4>(q, cache, slot, slen, window, s, out)
-            : decode_all<float, 8>(q, cache, slot, slen, window, s, out);
-  } else {
-    D == 64 ? decode_all<c10::BFloat16, 4>(q, cache, slot, slen, window, s, out)
-            : decode_all<c10::BFloat16, 8>(q, cache, slot, slen, window, s, out);
-  }
+  auto run = [&](auto dtype_tag) {
+    using T = decltype(dtype_tag);
+    switch (D) {
+      case 16: decode_all<T, 1>(q, cache, slot, slen, window, s, out); break;
+      case 32: decode_all<T, 2>(q, cache, slot, slen, window, s, out); break;
+      case 64: decode_all<T, 4>(q, cache, slot, slen, window, s, out); break;
+      default: decode_all<T, 8>(q, cache, slot, slen, window, s, out); break;
+    }
+  };
+  dt == at::kFloat ? run(float{}) : run(c10::BFloat16{});
   return true;
 #else
   return false;

@@ -36,22 +36,24 @@ using xllm_avx512::load16;
 using xllm_avx512::prefetch4;
 using xllm_avx512::reduce16;
 
-// acc_out[m][n] = the sum of acc[m][n]'s lanes.
+// acc_out[m][n] = the sum of acc[m][n]'s lanes, always through the same tree (missing slots of a
+// tail block are zeros): a row's result must not depend on how many rows share its block, or
+// padding a batch to its bucket would change real rows' logits in the last bits.
 template <int NB, int MB>
 inline void reduce_block(__m512 (&acc)[MB][NB], float (*acc_out)[4]) {
-  if constexpr (NB == 4 && MB == 4) {
-    alignas(64) float sums[16];
-    _mm512_store_ps(sums, reduce16(&acc[0][0]));
+  __m512 all[16];
 #pragma GCC unroll 4
-    for (int m = 0; m < 4; ++m)
+  for (int m = 0; m < 4; ++m)
 #pragma GCC unroll 4
-      for (int n = 0; n < 4; ++n) acc_out[m][n] = sums[4 * m + n];
-  } else {
+    for (int n = 0; n < 4; ++n)
+      all[4 * m + n] = (m < MB && n < NB) ? acc[m < MB ? m : 0][n < NB ? n : 0]
+                                          : _mm512_setzero_ps();
+  alignas(64) float sums[16];
+  _mm512_store_ps(sums, reduce16(all));
 #pragma GCC unroll 4
-    for (int m = 0; m < MB; ++m)
+  for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 4
-      for (int n = 0; n < NB; ++n) acc_out[m][n] = _mm512_reduce_add_ps(acc[m][n]);
-  }
+    for (int n = 0; n < NB; ++n) acc_out[m][n] = sums[4 * m + n];
 }
 
 #pragma GCC pop_options

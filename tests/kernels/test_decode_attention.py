@@ -1,8 +1,8 @@
 """The CPU decode-attention fast path (kernels/cpu/xllm_decode_attention.cpp) and the raw row
 store of xllm::store_kv, on the cache layouts the runtime uses (contiguous, and token-major as
 the paged cache lays it out: one region per sequence holding every layer's K and V per token),
-head_dim 64 and 128, GQA groups of 1, 3 and 7, lengths around the 16-row blocks, sliding windows,
-fp32 and bf16, against the naive per-token definition."""
+head_dim 16, 32, 64 and 128, GQA groups of 1, 2, 3, 7 and 16, lengths around the 16-row
+blocks, sliding windows, fp32 and bf16, against the naive per-token definition."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ def make_cache(kv_heads, head_dim, dtype, token_major, seed=0):
 
 @pytest.mark.parametrize("token_major", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (9, 3, 64), (14, 2, 128)])
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim", [(4, 4, 64), (9, 3, 64), (14, 2, 128), (4, 2, 16), (16, 1, 32)]
+)
 @pytest.mark.parametrize("window", [0, 20])
 def test_decode_fast_path_matches_naive(token_major, dtype, heads, kv_heads, head_dim, window):
     assert ensure_loaded() is None

@@ -93,3 +93,13 @@ def test_parallel_rows_cover_every_output():
     x, w, b = _args(5, 4099, 64, torch.float32, True)
     y = xllm.linear(x, w, b)
     assert torch.allclose(y.double(), _exact(x, w, b), atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_does_not_depend_on_the_rows_beside_it(dtype):
+    """Bit for bit: a bucket pads a batch with rows, and padding must not move a real row's
+    logits (every block sums through the same tree, whatever its row count)."""
+    x, w, b = _args(8, 67, 96, dtype, True)
+    full = xllm.linear(x, w, b)
+    for m in range(1, 8):
+        assert torch.equal(xllm.linear(x[:m], w, b), full[:m]), m
