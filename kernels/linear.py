@@ -1,7 +1,8 @@
 """`xllm::linear`: `x @ weight.T + bias`, with an `.out` overload so that the memory planner can
 place its result in the activation arena like any ATen op's.
 
-On CPU (kernels/cpu/xllm_linear.cpp) up to 16 rows stream each weight row once for all rows:
+On CPU (kernels/cpu/xllm_linear.cpp) up to 32 rows (fp32; 8 in bf16) stream each weight row
+once for all rows:
 a decode step's matmuls run at the memory bandwidth at every batch size and in bf16, where ATen's
 GEMM reads fp32 weights at about half of it from 4 rows up and bf16 weights at 10 GB/s. More rows
 call ATen. Elsewhere the reference (ATen's linear) runs.

@@ -6,8 +6,8 @@ On CPU it first lowers the matmuls to the device's own kernel:
     linear = aten.linear(x, w_qkv, b)        ->   linear = xllm.linear(x, w_qkv, b)
 
 xllm::linear (kernels/linear.py, kernels/cpu/xllm_linear.cpp) reads each weight row once for all
-rows of a decode step (up to 16 rows in fp32, 8 in bf16) and calls ATen's linear beyond: on
-SmolLM2/Qwen2.5 weights, 0.48-0.78x ATen's time for 4-16 rows in fp32 and 0.53-0.72x for 1-4
+rows of a decode step (up to 32 rows in fp32, 8 in bf16) and calls ATen's linear beyond: on
+SmolLM2/Qwen2.5 weights, 0.47-0.84x ATen's time for 4-32 rows in fp32 and 0.45-0.95x for 1-8
 rows in bf16 (tools/bench/bench_kernels.py --ops linear). It has an `.out` overload, so the
 memory planner still places its result in the activation arena. fp16 and mixed dtypes keep
 aten.linear, as do other devices (their GEMMs are the fast path there).

@@ -22,9 +22,11 @@
 
 namespace {
 
-// Above this many rows ATen's GEMM is faster (bench_kernels --ops linear): fp32 weights are
-// compute-light enough to stream for 16 rows, bf16 ones (widened in registers) for 8.
-constexpr int64_t kMaxRowsF32 = 16;
+// Up to this many rows the kernel beats ATen (bench_kernels --ops linear, SmolLM2 and Qwen2.5
+// weights): fp32 0.47-0.84x ATen's time at 4-32 rows (0.8-0.98x at 48-64, so left to ATen);
+// bf16 0.45-0.95x at 1-8 rows, then compute-bound (1.0-2.5x at 12-32: ATen's bf16 GEMM does
+// more work per byte than vdpbf16ps at one instruction a cycle).
+constexpr int64_t kMaxRowsF32 = 32;
 constexpr int64_t kMaxRowsBF16 = 8;
 // Weight elements per parallel task: ~10 us of streaming at ~20 GB/s.
 constexpr int64_t kGrainElems = 1 << 16;

@@ -1,5 +1,5 @@
 """xllm::linear: opcheck of both overloads, and the CPU weight-streaming kernel against an fp64
-matmul over the row counts it takes (1-16 fp32, 1-8 bf16; 4-row blocks and their tails), odd
+matmul over the row counts it takes (1-32 fp32, 1-8 bf16; 4-row blocks and their tails), odd
 sizes (partial vectors, weight-row tails), bias, 3-D and strided inputs; beyond its row limit
 and for other dtypes it is ATen's linear exactly."""
 
@@ -38,7 +38,7 @@ def test_opcheck():
 
 
 @pytest.mark.parametrize(
-    "dtype,rows", [(torch.float32, range(1, 18)), (torch.bfloat16, range(1, 10))]
+    "dtype,rows", [(torch.float32, [*range(1, 18), 31, 32, 33]), (torch.bfloat16, range(1, 10))]
 )
 def test_streaming_kernel_matches_fp64(dtype, rows):
     assert ensure_loaded() is None
@@ -72,7 +72,7 @@ def test_shapes_and_layouts():
 
 
 @pytest.mark.parametrize(
-    "dtype,m", [(torch.float32, 17), (torch.float32, 64), (torch.bfloat16, 9), (torch.float16, 2)]
+    "dtype,m", [(torch.float32, 33), (torch.float32, 64), (torch.bfloat16, 9), (torch.float16, 2)]
 )
 def test_beyond_the_kernel_it_is_aten(dtype, m):
     x, w, b = _args(m, 48, 40, dtype, True)
