@@ -90,7 +90,9 @@ def load(
         from xllm_compile.runtime.graph_cache import attach_graph_cache
 
         backend = None if graph_cache is True else graph_cache
-        plans = _arena_plans(art, graph_module) if arena is not False else []
+        cuda_graphs = backend == "cuda_graph" or (backend is None and device.startswith("cuda"))
+        wanted = arena or (arena is None and cuda_graphs)  # the default: with CUDA graphs
+        plans = _arena_plans(art, graph_module) if wanted else []
         if arena and (not plans or backend == "inductor"):
             why = (
                 "Inductor plans its own buffers"
