@@ -42,8 +42,9 @@ def test_decode_fast_path_matches_naive(token_major, dtype, heads, kv_heads, hea
     args = (q, cache, 1, positions, slots, q_lens, seq_lens, head_dim**-0.5, window)
     with torch.profiler.profile() as prof:
         out = torch.ops.xllm.attention(*args)
-    ran = {e.name for e in prof.events()}
-    assert not any("scaled_dot_product" in name for name in ran)  # the fast path, not SDPA
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":  # elsewhere the general path runs
+        ran = {e.name for e in prof.events()}
+        assert not any("scaled_dot_product" in name for name in ran)  # the fast path, not SDPA
     expected = naive_attention(q.float(), cache.float(), *args[2:])
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding of an fp32 result
     torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
