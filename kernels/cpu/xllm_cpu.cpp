@@ -609,20 +609,3 @@ TORCH_LIBRARY_IMPL(xllm, CPU, m) {
   m.impl("rotary_embedding", &rotary_embedding);
 }
 
-// torch.library.custom_op gives each op Python kernels for the Autograd and ADInplaceOrView keys,
-// and a call reaches them whenever an input is a normal (not inference) tensor: the weights and
-// the KV cache always are. They cost ~10-20 us of Python per call (store_kv: 23 us of a 24 us
-// call), ~180 calls a SmolLM2 decode step. These ops are inference-only (no backward exists), so
-// once the C++ kernels load, both keys fall through to them in C++. The version counter of a
-// mutated KV cache is then not bumped: nothing records it for autograd.
-TORCH_LIBRARY_IMPL(xllm, Autograd, m) {
-  for (const char* op : {"store_kv", "attention", "rms_norm", "fused_add_rms_norm",
-                         "silu_and_mul", "rotary_embedding"})
-    m.impl(op, torch::CppFunction::makeFallthrough());
-}
-
-TORCH_LIBRARY_IMPL(xllm, ADInplaceOrView, m) {
-  for (const char* op : {"store_kv", "attention", "rms_norm", "fused_add_rms_norm",
-                         "silu_and_mul", "rotary_embedding"})
-    m.impl(op, torch::CppFunction::makeFallthrough());
-}
