@@ -211,16 +211,16 @@ bool has_avx512_bf16() {
 }
 
 // Whether the streaming kernel takes this call: AVX512, fp32 or bf16 throughout, a contiguous
-// 2-D weight, rows contiguous in the last dim, at most kMaxRows rows, a contiguous `out`.
+// 2-D weight, rows contiguous in the last dim, at most kMaxRows rows (and, given one, an `out`
+// of the dtype, contiguous).
 bool takes(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
-           const at::Tensor& out) {
+           const at::Tensor* out = nullptr) {
 #ifdef XLLM_AVX512
   const auto dt = x.scalar_type();
   if (!xllm_use_avx512() || (dt != at::kFloat && dt != at::kBFloat16)) return false;
-  if (w.scalar_type() != dt || out.scalar_type() != dt || w.dim() != 2 || !w.is_contiguous())
-    return false;
-  if (x.dim() < 1 || x.size(-1) != w.size(1) || x.size(-1) == 0 || !out.is_contiguous())
-    return false;
+  if (out && (out->scalar_type() != dt || !out->is_contiguous())) return false;
+  if (w.scalar_type() != dt || w.dim() != 2 || !w.is_contiguous()) return false;
+  if (x.dim() < 1 || x.size(-1) != w.size(1) || x.size(-1) == 0) return false;
   const int64_t rows = x.size(-1) ? x.numel() / x.size(-1) : 0;
   if (rows == 0 || rows > (dt == at::kFloat ? kMaxRowsF32 : kMaxRowsBF16)) return false;
   if (b && (b->scalar_type() != dt || b->dim() != 1 || !b->is_contiguous() || b->size(0) != w.size(0)))
@@ -241,7 +241,7 @@ at::Tensor& linear_out(const at::Tensor& x, const at::Tensor& w,
                        const std::optional<at::Tensor>& b, at::Tensor& out) {
   const auto shape = out_shape(x, w);
   if (out.sizes() != at::IntArrayRef(shape)) out.resize_(shape);
-  if (!takes(x, w, b, out)) {
+  if (!takes(x, w, b, &out)) {
     return at::linear_out(out, x, w, b);
   }
 #ifdef XLLM_AVX512
@@ -261,8 +261,8 @@ at::Tensor& linear_out(const at::Tensor& x, const at::Tensor& w,
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  if (!takes(x, w, b)) return at::linear(x, w, b);  // prefill sizes: no output made here first
   at::Tensor out = at::empty(out_shape(x, w), x.options());
-  if (!takes(x, w, b, out)) return at::linear(x, w, b);
   return linear_out(x, w, b, out);
 }
 
