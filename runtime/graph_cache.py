@@ -250,7 +250,7 @@ class GraphCache:
     def _pad(self, rows: list[list[int]], key: tuple) -> torch.Tensor:
         """The step's rows padded to the bucket, flattened into one int64 tensor."""
         ids, positions, token_slots, seq_slots, query_lens, seq_lens, logits_idx = rows
-        tp, bp = (key[1], key[1]) if key[0] == "decode" else (key[1], key[2])
+        tp, bp = self._sizes(key)[2:4]
         pad_seqs, pad_tokens = bp - len(seq_slots), tp - len(ids)
         pad_lens = [1] * pad_seqs
         if pad_seqs:

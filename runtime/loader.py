@@ -92,7 +92,7 @@ def load(
         backend = None if graph_cache is True else graph_cache
         cuda_graphs = backend == "cuda_graph" or (backend is None and device.startswith("cuda"))
         wanted = arena or (arena is None and cuda_graphs)  # the default: with CUDA graphs
-        plans = _arena_plans(art, graph_module) if wanted else []
+        plans = read_arena_plans(art, graph_module) if wanted else []
         if arena and (not plans or backend == "inductor"):
             why = (
                 "Inductor plans its own buffers"
@@ -114,7 +114,7 @@ def load(
     return engine
 
 
-def _arena_plans(art: artifact.Artifact, graph_module) -> list:
+def read_arena_plans(art: artifact.Artifact, graph_module) -> list:
     """The artifact's arena plans, or [] (logged) when it has none or they do not fit the
     program as loaded (an artifact from before plans were stored, or another torch's names)."""
     if not art.has(arena_plans.FILE):

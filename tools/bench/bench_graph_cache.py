@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from xllm_compile.artifact import open_artifact
 from xllm_compile.runtime import load
 from xllm_compile.runtime.graph_cache import attach_graph_cache
+from xllm_compile.runtime.loader import read_arena_plans
 from xllm_compile.runtime.sampler import SamplingParams
 from xllm_compile.runtime.sequence import Sequence
 from xllm_compile.tools.bench.bench_decode import (
@@ -99,7 +101,9 @@ def main(argv: list[str] | None = None) -> None:
                 max_num_seqs=max(args.batch),
                 backend=backend,
                 buckets=engine.manifest.get("buckets"),
-                arena_plans=_arena_plans(art, engine) if arena else None,
+                arena_plans=read_arena_plans(open_artifact(art), engine.executor.graph_module)
+                if arena
+                else None,
                 arena=arena,
             )
             warm = time.perf_counter() - start
@@ -115,13 +119,6 @@ def main(argv: list[str] | None = None) -> None:
                     f"({ms / base[b]:.2f}x unbucketed)"
                 )
             assert cache.stats.builds == len(cache.entries)  # no build after warm-up
-
-
-def _arena_plans(art: Path, engine) -> list:
-    from xllm_compile import arena_plans
-
-    text = (art / arena_plans.FILE).read_text()
-    return arena_plans.loads(text, engine.executor.graph_module.graph)
 
 
 if __name__ == "__main__":
