@@ -40,6 +40,11 @@ class EngineLoopError(RuntimeError):
     """The engine failed while stepping a batch; every request in flight gets this."""
 
 
+class RequestFailedError(EngineLoopError):
+    """One request failed while its batch was stepped (the engine traced the failure to it);
+    only that request gets this, the others go on."""
+
+
 @dataclass
 class EngineMetrics:
     """Counters for /metrics. Each field has one writer, so no lock: the engine thread, except
@@ -212,6 +217,10 @@ class AsyncEngine:
         seq, tokenizer = req.seq, self.engine.tokenizer
         if not seq.is_finished and len(seq.output_ids) == req.sent_ids:
             return  # still waiting, or preempted: nothing new
+        if seq.finish_reason == "error":
+            self._retire(req, "error")
+            req.emit(RequestFailedError(f"this request failed: {seq.error}"))
+            return
         searched = max(0, len(req.text) - max((len(s) for s in req.stop), default=0) + 1)
         if seq.is_finished:
             done = self.engine.completion(seq)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from xllm_compile.errors import RequestError
+import torch
+
+from xllm_compile.errors import RequestError, XllmError
 from xllm_compile.runtime.executor import Executor
 from xllm_compile.runtime.kv_cache import KVCache
 from xllm_compile.runtime.sampler import SamplingParams, make_generator, sample
@@ -13,13 +16,16 @@ from xllm_compile.runtime.scheduler import Scheduler
 from xllm_compile.runtime.sequence import Sequence, Status
 from xllm_compile.runtime.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Completion:
     prompt_ids: list[int]
     token_ids: list[int]
     text: str | None
-    finish_reason: str  # "stop" (eos or stop token) or "length"
+    finish_reason: str  # "stop" (eos or stop token), "length", or "error" (see `error`)
+    error: str | None = None  # why the sequence failed, for finish_reason "error"
 
 
 class Engine:
@@ -93,6 +99,8 @@ class Engine:
             if len(text) > len(printed) and text.startswith(printed):
                 yield text[len(printed) :]
                 printed = text
+        if seq.finish_reason == "error":
+            raise XllmError(f"generation failed: {seq.error}")
 
     @property
     def graph_cache_stats(self):
@@ -112,13 +120,44 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch.seqs:  # every running sequence was preempted: nothing to run this step
             return
-        logits = self.executor.run(batch.seqs, self.kv_cache.tensor)
-        tokens = sample(logits, [s.params for s in batch.seqs], [s.generator for s in batch.seqs])
-        for seq, token in zip(batch.seqs, tokens, strict=True):
+        seqs, logits = self._forward(batch.seqs)
+        if not seqs:
+            return
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        for seq, token in zip(seqs, tokens, strict=True):
+            if isinstance(token, Exception):
+                self._fail(seq, f"sampling failed: {type(token).__name__}: {token}")
+                continue
             seq.output_ids.append(token)
             reason = self._finish_reason(seq, token)
             if reason:
                 self.scheduler.finish(seq, reason)
+
+    def _forward(self, seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Logits for `seqs`. When the batch fails, each sequence runs alone (a failed step
+        marks nothing cached, and rewriting a KV row writes the same values), so only the
+        ones that fail alone fail, with their error; the rest go on with their own logits."""
+        kv = self.kv_cache.tensor
+        try:
+            return seqs, self.executor.run(seqs, kv)
+        except Exception as e:
+            if len(seqs) == 1:
+                self._fail(seqs[0], f"the step failed: {type(e).__name__}: {e}")
+                return [], None
+            log.warning("a batch of %d failed (%s); running each alone", len(seqs), e)
+        ok, rows = [], []
+        for seq in seqs:
+            try:
+                rows.append(self.executor.run([seq], kv))
+                ok.append(seq)
+            except Exception as e:  # this sequence is the cause (or one of them)
+                self._fail(seq, f"the step failed: {type(e).__name__}: {e}")
+        return ok, torch.cat(rows) if rows else None
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        log.warning("sequence %d failed: %s", seq.seq_id, message)
+        seq.error = message
+        self.scheduler.finish(seq, "error")
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -133,7 +172,7 @@ class Engine:
         if seq.finish_reason == "stop" and ids and ids[-1] in self.eos_token_ids:
             ids = ids[:-1]  # the eos token ends the text; it is not part of it
         text = self.tokenizer.decode(ids) if self.tokenizer else None
-        return Completion(seq.prompt_ids, ids, text, seq.finish_reason or "length")
+        return Completion(seq.prompt_ids, ids, text, seq.finish_reason or "length", seq.error)
 
     # Request-level verbs: the server's engine loop (runtime/async_engine.py) drives the engine
     # through these, one request at a time, between steps.

@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 import xllm_compile.kernels  # noqa: F401  (registers the xllm:: ops the program calls)
-from xllm_compile import arena_plans, artifact
+from xllm_compile import arena_plans, artifact, program_format
 from xllm_compile.backend import check_device
 from xllm_compile.config import DTYPES, ModelConfig
 from xllm_compile.errors import ArtifactError, ConfigError
@@ -76,7 +76,10 @@ def load(
         DTYPES[m["dtype"]],
     )
     cache = _make_kv_cache(kv_cache, geometry, device, kv_memory, kv_page_size)
-    tokenizer = Tokenizer(art.path) if m.get("tokenizer") else None
+    tokenizer = None
+    if m.get("tokenizer"):  # the tokenizer files the manifest lists and hashes, no others
+        files = [f for f in m["tokenizer"].get("files", []) if art.has(f)]
+        tokenizer = Tokenizer(art.path, files)
     engine = Engine(
         Executor(graph_module, params, device),
         cache,
@@ -132,7 +135,7 @@ def _eos_token_ids(art: artifact.Artifact, config: ModelConfig) -> tuple[int, ..
     token there, such as <|im_end|>)."""
     ids = list(config.eos_token_ids)
     gen = art.file("generation_config.json")
-    if gen.is_file():
+    if art.has("generation_config.json"):  # only files the manifest lists (and hashes)
         try:
             value = json.loads(gen.read_text()).get("eos_token_id")
         except json.JSONDecodeError:
@@ -157,24 +160,28 @@ def _make_kv_cache(
 
 
 def _load_program(art: artifact.Artifact) -> torch.fx.GraphModule:
-    try:
-        ep = torch.export.load(art.file(artifact.PROGRAM))
-    except Exception as e:  # torch raises many types for a bad archive
-        built = art.manifest.get("versions", {}).get("torch")
-        raise ArtifactError(
-            f"{art.path}: cannot load {artifact.PROGRAM} (built with torch {built}, running "
-            f"torch {torch.__version__}): {type(e).__name__}: {e}"
-        ) from None
-    return ep.graph_module
+    """The program, through program_format (no pickle); its tensor constants, if any, from
+    safetensors."""
+    constants = {}
+    if art.has(program_format.CONSTANTS_FILE):
+        constants = _read_safetensors(art, program_format.CONSTANTS_FILE, None, "cpu")
+    return program_format.load(art.file(artifact.PROGRAM), constants)
 
 
 def _load_params(art: artifact.Artifact, names: list[str], device: str) -> list[torch.Tensor]:
+    tensors = _read_safetensors(art, artifact.WEIGHTS, names, device)
+    return [tensors[name] for name in names]
+
+
+def _read_safetensors(
+    art: artifact.Artifact, file: str, names: list[str] | None, device: str
+) -> dict[str, torch.Tensor]:
     try:
-        with safe_open(str(art.file(artifact.WEIGHTS)), framework="pt", device=device) as f:
+        with safe_open(str(art.file(file)), framework="pt", device=device) as f:
             present = set(f.keys())
-            missing = [n for n in names if n not in present]
+            missing = [n for n in names or () if n not in present]
             if missing:
-                raise ArtifactError(f"{art.path}: weights lack {missing[0]!r}; recompile the model")
-            return [f.get_tensor(name) for name in names]
+                raise ArtifactError(f"{art.path}: {file} lacks {missing[0]!r}; recompile the model")
+            return {name: f.get_tensor(name) for name in (present if names is None else names)}
     except (SafetensorError, OSError) as e:
-        raise ArtifactError(f"{art.path}: weights file unreadable ({e}); recompile") from None
+        raise ArtifactError(f"{art.path}: {file} unreadable ({e}); recompile") from None

@@ -30,6 +30,7 @@ class Sequence:
     slot: int = -1
     num_cached: int = 0  # tokens whose K/V are in the cache
     finish_reason: str | None = None
+    error: str | None = None  # set with finish_reason "error": why this sequence failed
 
     @property
     def all_ids(self) -> list[int]:

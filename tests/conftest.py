@@ -119,3 +119,25 @@ def family_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama_artifact(family_models):
     return family_models("llama3")[2]
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory):
+    """The embedded model (a tokenizer and a chat template) compiled once per session."""
+    return compile_cli(EXAMPLE, tmp_path_factory.mktemp("tiny") / "art")
+
+
+def rehash(art: Path) -> None:
+    """Rewrite the manifest's sizes and sha256s after a test changed files, as an attacker
+    would: the hashes prove integrity, not origin."""
+    import json
+
+    from xllm_compile.artifact import MANIFEST, sha256_file
+
+    manifest = json.loads((art / MANIFEST).read_text())
+    for name, meta in manifest["files"].items():
+        meta.update(sha256=sha256_file(art / name), bytes=(art / name).stat().st_size)
+    (art / MANIFEST).write_text(json.dumps(manifest))

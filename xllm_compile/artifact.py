@@ -2,7 +2,8 @@
 
     manifest.json        format version, model config, dtype, device, limits, pass log,
                          sha256 + size of every other file, versions
-    program.pt2          the optimized torch.export program (parameters as meta placeholders)
+    program.json         the optimized torch.export program as its JSON schema (read without
+                         pickle: program_format.py)
     weights.safetensors  the weights, in the program's parameter names
     tokenizer files      copied from the model folder when present
 
@@ -25,9 +26,9 @@ import torch
 from xllm_compile import __version__
 from xllm_compile.errors import ArtifactError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: program.json instead of a pickling program.pt2
 MANIFEST = "manifest.json"
-PROGRAM = "program.pt2"
+PROGRAM = "program.json"
 WEIGHTS = "weights.safetensors"
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from xllm_compile import arena_plans, artifact
+from xllm_compile import arena_plans, artifact, program_format
 from xllm_compile.backend import check_device
 from xllm_compile.buckets import parse_buckets, step_shapes
 from xllm_compile.config import CompileConfig, ModelConfig
@@ -159,7 +159,7 @@ def bucket_plans(ep, weights: dict, config: ModelConfig, cfg: CompileConfig, buc
     depends on (its guards), so buckets differing only in kv length or sequence count share one.
     Returns [] (logged) if planning fails: the runtime then allocates as usual.
 
-    `ep` must be the program as the runtime loads it (torch.export.load of the saved file):
+    `ep` must be the program as the runtime loads it (program_format.loads of the saved file):
     serialization reorders nodes and adds getitems, and a plan is only valid for the node order
     it was made for (arena_plans.graph_fingerprint ties the two)."""
     params = [weights[s.target] for s in ep.graph_signature.input_specs if s.kind in PARAM_KINDS]
@@ -192,12 +192,16 @@ def step_inputs_meta(tokens: int, seqs: int, logits: int) -> list[torch.Tensor]:
 
 
 def _write(tmp_dir, model_dir, ep, weights, config, hf_config, cfg, max_len, pass_log) -> None:
-    torch.export.save(ep, tmp_dir / artifact.PROGRAM)
+    (tmp_dir / artifact.PROGRAM).write_bytes(program_format.dumps(ep))
+    constants = program_format.tensor_constants(ep)
+    if constants:
+        save_file(constants, tmp_dir / program_format.CONSTANTS_FILE)
     params = [spec.target for spec in ep.graph_signature.input_specs if spec.target in weights]
     save_file({name: weights[name].contiguous() for name in params}, tmp_dir / artifact.WEIGHTS)
     tokenizer_files = artifact.copy_tokenizer(model_dir, tmp_dir)
     buckets = parse_buckets(cfg.buckets, cfg.max_num_seqs, max_len, cfg.max_num_tokens)
-    saved = torch.export.load(tmp_dir / artifact.PROGRAM)  # what the runtime will run
+    # what the runtime will run: serialization reorders nodes and plans follow node order
+    saved = program_format.loads((tmp_dir / artifact.PROGRAM).read_bytes(), constants)
     plans = bucket_plans(saved, weights, config, cfg, buckets)
     if plans:
         (tmp_dir / arena_plans.FILE).write_text(arena_plans.dumps(plans, saved.graph_module.graph))

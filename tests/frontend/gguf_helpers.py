@@ -63,7 +63,7 @@ def llama_cpp_permute(w: torch.Tensor, n_head: int, n_head_kv: int) -> torch.Ten
     )
 
 
-def _add_metadata(writer: gguf.GGUFWriter, cfg, tok) -> None:
+def _add_metadata(writer: gguf.GGUFWriter, cfg, tok, chat_template: str = CHAT_TEMPLATE) -> None:
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -86,7 +86,7 @@ def _add_metadata(writer: gguf.GGUFWriter, cfg, tok) -> None:
         writer.add_token_merges(merges)
         writer.add_bos_token_id(1)
         writer.add_eos_token_id(2)
-        writer.add_chat_template(CHAT_TEMPLATE)
+        writer.add_chat_template(chat_template)
 
 
 def _tensor(name: str, w: torch.Tensor, cfg, qtype: str) -> tuple[np.ndarray, object]:
@@ -104,11 +104,13 @@ def _tensor(name: str, w: torch.Tensor, cfg, qtype: str) -> tuple[np.ndarray, ob
     return gguf.quants.quantize(data, kind), kind
 
 
-def write_gguf(path: Path, model, tok, qtype: str = "F16") -> Path:
+def write_gguf(
+    path: Path, model, tok, qtype: str = "F16", chat_template: str = CHAT_TEMPLATE
+) -> Path:
     """Write `model` (a transformers Llama/Qwen2/Qwen3 CausalLM) as llama.cpp would."""
     cfg = model.config
     writer = gguf.GGUFWriter(str(path), cfg.model_type)
-    _add_metadata(writer, cfg, tok)
+    _add_metadata(writer, cfg, tok, chat_template)
     arch = getattr(gguf.MODEL_ARCH, cfg.model_type.upper())
     names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
     for hf_name, w in model.state_dict().items():

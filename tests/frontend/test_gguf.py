@@ -145,7 +145,7 @@ def test_tokenizer_matches_trained_and_transformers(gguf_models):
     _, path, hf_dir, art, _ = gguf_models("f16")
     trained = train_tokenizer(BASE["vocab_size"])
     ref = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    ours = Tokenizer(art)
+    ours = Tokenizer(art, ["tokenizer.json", "tokenizer_config.json"])
     for text in [TEXT[:120], "In 1811, 42 families<|im_end|> lived", " two  spaces\nnew line"]:
         ids = ours.encode(text)
         assert ids == trained.encode(text).ids == ref.encode(text, add_special_tokens=False)
@@ -235,3 +235,21 @@ def test_cli_bad_gguf_is_one_line_exit_2(gguf_models, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "%|" not in line]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(lines) == 1 and "cut.gguf" in lines[0], proc.stderr
+
+
+def test_gguf_template_payload(tmp_path):
+    """A GGUF's tokenizer.chat_template is untrusted: it renders in the sandbox."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "pwned"
+    model = _llama(tied=True)
+    tok = train_tokenizer(BASE["vocab_size"])
+    payload = "{{ cycler.__init__.__globals__.os.system('touch " + str(marker) + "') }}"
+    path = write_gguf(tmp_path / "evil.gguf", model, tok, chat_template=payload)
+    art = compile_cli(path, tmp_path / "art")
+    cmd = [sys.executable, "-m", "xllm_compile", "generate", str(art), "--chat", "hello"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "chat template" in proc.stderr
+    assert not marker.exists()

@@ -27,7 +27,7 @@ def test_manifest_and_inspect(llama_artifact, capsys):
     manifest = json.loads((llama_artifact / "manifest.json").read_text())
     assert manifest["model"]["family"] == "llama"
     assert manifest["dtype"] == "float32"
-    assert set(manifest["files"]) >= {"program.pt2", "weights.safetensors"}
+    assert set(manifest["files"]) >= {"program.json", "weights.safetensors"}
     weights = load_file(llama_artifact / "weights.safetensors")
     assert list(weights) and set(weights) == set(manifest["program"]["params"])
     assert main(["inspect", str(llama_artifact)]) == 0
