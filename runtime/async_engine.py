@@ -14,6 +14,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,12 @@ from xllm_compile.runtime.engine import Engine
 from xllm_compile.runtime.sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+# Stop strings are checked every step against the new tail of each request's text; these caps
+# bound that work per request (OpenAI takes 4 strings; vLLM no limit).
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 512
+CUT_MESSAGE = "the server is shutting down: generation ended after the grace period"
 
 
 @dataclass
@@ -38,6 +45,11 @@ class RequestOutput:
 
 class EngineLoopError(RuntimeError):
     """The engine failed while stepping a batch; every request in flight gets this."""
+
+
+class ShuttingDownError(EngineLoopError):
+    """The server is shutting down: new requests are refused (503); open ones are ended with
+    this after the grace period."""
 
 
 class RequestFailedError(EngineLoopError):
@@ -105,6 +117,8 @@ class AsyncEngine:
         self._active: list[_Request] = []
         self._thread = threading.Thread(target=self._run, name="xllm-engine", daemon=True)
         self._stopped = False
+        self._closing = False  # begin_shutdown() was called: admit nothing new
+        self._deadline: float | None = None  # the engine thread's view of the grace period
 
     # -- the asyncio side --
 
@@ -116,6 +130,12 @@ class AsyncEngine:
         if self._thread.is_alive():
             self._inbox.put(("stop", None))
             self._thread.join()
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Stop admitting (submit raises ShuttingDownError); requests in flight run on for up
+        to `grace_s` seconds, then each ends with a final ShuttingDownError saying why."""
+        self._closing = True
+        self._inbox.put(("close", time.monotonic() + grace_s))
 
     @property
     def is_alive(self) -> bool:
@@ -133,12 +153,18 @@ class AsyncEngine:
             RequestError: bad parameters, a bad prompt, or stop strings without a tokenizer.
             EngineLoopError: the engine thread is not running.
         """
+        if self._closing:
+            raise ShuttingDownError("the server is shutting down; send the request elsewhere")
         if not self.is_alive:
             raise EngineLoopError("the engine loop is not running")
         if stop and self.engine.tokenizer is None:
             raise RequestError("stop strings need a tokenizer, and this artifact has none")
         if any(not s for s in stop):
             raise RequestError("stop strings must not be empty")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+        if max(map(len, stop), default=0) > MAX_STOP_CHARS:
+            raise RequestError(f"a stop string may have at most {MAX_STOP_CHARS} characters")
         return self.engine.new_sequence(prompt, **sampling)
 
     async def stream(
@@ -179,6 +205,8 @@ class AsyncEngine:
             try:
                 # block only while idle: with work in flight, new requests join between steps
                 self._drain(block=not scheduler.has_work())
+                if self._deadline is not None and time.monotonic() >= self._deadline:
+                    self._fail_all(ShuttingDownError(CUT_MESSAGE))
                 if self._stopped or not scheduler.has_work():
                     continue
                 self.engine.step()
@@ -200,9 +228,11 @@ class AsyncEngine:
         except queue.Empty:
             pass
 
-    def _handle(self, verb: str, req: _Request | None) -> None:
+    def _handle(self, verb: str, req) -> None:
         if verb == "stop":
             self._stopped = True
+        elif verb == "close":
+            self._deadline = req  # the grace period's end (a monotonic time)
         elif verb == "add":
             self.engine.scheduler.add(req.seq)
             self._active.append(req)
@@ -272,11 +302,16 @@ def _find_stop(text: str, stop: tuple[str, ...], start: int) -> int | None:
 
 
 def _stop_prefix_len(text: str, stop: tuple[str, ...]) -> int:
-    """The longest tail of `text` that begins some stop string (0 if none)."""
+    """The longest tail of `text` that begins some stop string (0 if none). Looks at the last
+    len(s) - 1 characters only, jumping between occurrences of s's first character (C-level
+    find/startswith), so a step costs O(sum of stop lengths), not O(len(text)^2)."""
     best = 0
     for s in stop:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
+        tail = text[-(len(s) - 1) :] if len(s) > 1 else ""
+        i = tail.find(s[0]) if tail else -1
+        while i >= 0 and len(tail) - i > best:
+            if s.startswith(tail[i:]):
+                best = len(tail) - i
                 break
+            i = tail.find(s[0], i + 1)
     return best

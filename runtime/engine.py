@@ -52,6 +52,12 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("this artifact has no tokenizer; pass token ids instead of text")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone UTF-16 surrogate ("\ud800") from JSON
+                raise RequestError(
+                    f"the prompt is not valid Unicode ({e.reason} at character {e.start})"
+                ) from None
             ids = self.tokenizer.encode(prompt)
         else:
             ids = [int(t) for t in prompt]

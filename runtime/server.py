@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -25,8 +26,14 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
 from xllm_compile.errors import ConfigError, RequestError, XllmError
-from xllm_compile.runtime.async_engine import AsyncEngine, EngineLoopError, RequestOutput
+from xllm_compile.runtime.async_engine import (
+    AsyncEngine,
+    EngineLoopError,
+    RequestOutput,
+    ShuttingDownError,
+)
 from xllm_compile.runtime.engine import Engine
+from xllm_compile.runtime.http_limits import BodyLimits, header_timeout_protocol
 
 
 @dataclass
@@ -34,7 +41,10 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (the bound one is in `HTTPServer.url`)
     model_name: str | None = None  # the id clients send as "model"; default: the artifact's folder
-    graceful_shutdown_s: float = 5.0  # how long open responses may run on after Ctrl-C
+    graceful_shutdown_s: float = 5.0  # after SIGTERM / Ctrl-C: open streams may run this long
+    max_body_bytes: int = 4 << 20  # a larger request body is a 413
+    body_timeout_s: float = 30.0  # a body still arriving after this is a 408
+    header_timeout_s: float = 10.0  # a connection without request headers by then is closed
 
 
 # -- request bodies (strict: "3" is not an int; unknown OpenAI fields are accepted and ignored) --
@@ -162,7 +172,8 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
 
     @app.exception_handler(EngineLoopError)
     async def _engine_error(_request: Request, exc: EngineLoopError) -> JSONResponse:
-        return _error(500, str(exc), "server_error")
+        status = 503 if isinstance(exc, ShuttingDownError) else 500
+        return _error(status, str(exc), "server_error")
 
     @app.exception_handler(Exception)
     async def _bug(_request: Request, exc: Exception) -> JSONResponse:
@@ -224,7 +235,8 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
                 raise RequestError("batched prompts are not supported: send one per request")
             prompt = prompt[0]
         kwargs, stop = sampling(body, body.max_tokens)
-        seq = engine.submit(prompt, stop, **kwargs)
+        # tokenizing a long prompt takes a while: off the event loop, which serves everyone
+        seq = await asyncio.to_thread(engine.submit, prompt, stop, **kwargs)
         metrics.requests_total += 1
         head = _Head(f"cmpl-{uuid.uuid4().hex}", "text_completion", model_name)
         if body.stream:
@@ -252,12 +264,12 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         if not body.messages:
             raise RequestError("messages must not be empty")
         messages = [{"role": m.role, "content": _content_text(m)} for m in body.messages]
-        prompt = tokenizer.apply_chat_template(messages)  # RequestError: a 400
+        prompt = await asyncio.to_thread(tokenizer.apply_chat_template, messages)  # or a 400
         max_tokens = body.max_tokens
         if body.max_completion_tokens is not None:  # the newer name wins
             max_tokens = body.max_completion_tokens
         kwargs, stop = sampling(body, max_tokens)
-        seq = engine.submit(prompt, stop, **kwargs)
+        seq = await asyncio.to_thread(engine.submit, prompt, stop, **kwargs)
         metrics.requests_total += 1
         head = _Head(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", model_name)
         if body.stream:
@@ -445,6 +457,18 @@ def _number(v: float) -> str:
 # -- the server --
 
 
+class _UvicornServer(uvicorn.Server):
+    """uvicorn's server, telling the engine loop when a signal starts the shutdown."""
+
+    def __init__(self, config: uvicorn.Config, on_exit) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig, frame) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
+
+
 class HTTPServer:
     """The engine loop, the app and uvicorn on one bound socket. `run()` blocks until Ctrl-C or
     SIGTERM (or `stop()` from another thread) and then stops the engine loop.
@@ -454,23 +478,26 @@ class HTTPServer:
     """
 
     def __init__(self, engine: Engine, config: ServerConfig) -> None:
-        import uvicorn
-
         self.engine = AsyncEngine(engine)
         self.model_name = config.model_name or "default"
         self.app = create_app(self.engine, self.model_name)
         self.socket = _bind(config.host, config.port)
         host, port = self.socket.getsockname()[:2]
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-        self._server = uvicorn.Server(
+        self._grace_s = config.graceful_shutdown_s
+        app = BodyLimits(self.app, config.max_body_bytes, config.body_timeout_s)
+        self._server = _UvicornServer(
             uvicorn.Config(
-                self.app,
+                app,
+                http=header_timeout_protocol(config.header_timeout_s),
                 log_config=None,  # keep the process's logging setup (the CLI's one-line format)
                 log_level="warning",
                 access_log=False,
                 lifespan="off",
-                timeout_graceful_shutdown=config.graceful_shutdown_s,
-            )
+                # our grace period ends every stream with a final event; then uvicorn closes
+                timeout_graceful_shutdown=config.graceful_shutdown_s + 5,
+            ),
+            on_exit=lambda: self.engine.begin_shutdown(self._grace_s),
         )
 
     @property
@@ -486,6 +513,8 @@ class HTTPServer:
             self.socket.close()
 
     def stop(self) -> None:
+        """Shut down as on SIGTERM: admit nothing new, give open requests the grace period."""
+        self.engine.begin_shutdown(self._grace_s)
         self._server.should_exit = True
 
 

@@ -35,7 +35,9 @@ class Tokenizer:
             self.chat_template = _template_from_config(self.config.get("chat_template"))
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+        # encode_batch releases the GIL (encode does not): a long prompt tokenized in a worker
+        # thread no longer stalls the server's event loop (3.6 MB: 1.5 s held -> 58 ms)
+        return self._tok.encode_batch([text])[0].ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

@@ -281,6 +281,14 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         help="most sequences in one batch (default: the artifact's limit)",
     )
     p.add_argument("--warmup", action="store_true", help="build every graph bucket before serving")
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=None,
+        dest="graceful_shutdown_s",
+        help="seconds open requests may run on after SIGTERM/Ctrl-C before each is ended "
+        "with a final event (default 5)",
+    )
     _add_runtime_args(p)
 
 
@@ -290,7 +298,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = _load(args, max_num_seqs=args.max_num_seqs)
     if args.warmup:
         engine.warmup(show_progress=True)
-    given = {k: getattr(args, k) for k in ("host", "port") if getattr(args, k) is not None}
+    keys = ("host", "port", "graceful_shutdown_s")
+    given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     name = args.model_name or model_name_for(args.artifact)
     server = HTTPServer(engine, ServerConfig(**given, model_name=name))
     print(f"xllm: serving {name!r} at {server.url}/v1 (Ctrl-C stops)", flush=True)

@@ -5,21 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from xllm_compile.runtime import load
 
-from conftest import compile_cli
 from helpers import hf_greedy
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny-llama"
 PROMPT = "It is a truth universally acknowledged"
-
-
-@pytest.fixture(scope="module")
-def tiny_artifact(tmp_path_factory):
-    return compile_cli(EXAMPLE, tmp_path_factory.mktemp("tiny") / "art")
 
 
 def test_text_generation_matches_transformers(tiny_artifact):

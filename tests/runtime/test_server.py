@@ -20,8 +20,6 @@ import pytest
 from xllm_compile.runtime import load
 from xllm_compile.runtime.server import HTTPServer, ServerConfig
 
-from conftest import compile_cli
-
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny-llama"
 PROMPT = "It is a truth universally acknowledged"
 PROMPTS = [
@@ -38,8 +36,8 @@ GREEDY = {"temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    return compile_cli(EXAMPLE, tmp_path_factory.mktemp("serve") / "tiny")
+def artifact(tiny_artifact):
+    return tiny_artifact
 
 
 @pytest.fixture(scope="module")
