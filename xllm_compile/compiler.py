@@ -5,25 +5,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from xllm_compile import arena_plans, artifact, program_format
+from xllm_compile import arena_plans, artifact, env, program_format
 from xllm_compile.backend import check_device
 from xllm_compile.buckets import parse_buckets, step_shapes
 from xllm_compile.config import CompileConfig, ModelConfig
 from xllm_compile.errors import ConfigError
-from xllm_compile.hf import load_hf_config, stream_weights
+from xllm_compile.hf import load_hf_config, save_safetensors, stream_weights
 from xllm_compile.models import model_config_from_hf, rotary_tables
 from xllm_compile.passes import PassContext, PassManager, build_pipeline
 from xllm_compile.passes.base import PARAM_KINDS
 from xllm_compile.passes.memory_plan import plan_memory
 from xllm_compile.progress import progress
+from xllm_compile.staging import Staging, clean_stale, sibling, write_error
 from xllm_compile.trace import INPUT_NAMES, export_model, verify_inputs
 
 log = logging.getLogger(__name__)
@@ -44,8 +42,9 @@ def resolve_max_len(config: ModelConfig, requested: int | None) -> int:
 def compile_model(cfg: CompileConfig) -> Path:
     """Compile `cfg.model_path` into `cfg.out_dir`; returns the artifact path.
 
-    The artifact is written to a temporary sibling folder and renamed into place at the end, so a
-    failed compile never leaves (or destroys) a half-written artifact.
+    The artifact is written to a temporary sibling folder, fsynced and swapped into place in one
+    rename (staging.py), so a failed or killed compile never leaves (or destroys) a half-written
+    artifact; a write error (ENOSPC...) is an ArtifactError with the old artifact intact.
     """
     check_device(cfg.device)
     pipeline = build_pipeline(cfg.passes, cfg.disable_passes)  # bad names fail before any work
@@ -63,15 +62,8 @@ def compile_model(cfg: CompileConfig) -> Path:
         bar.update(2)
     weights = _load_weights(model_dir, ep, config, cfg, max_len)
     pass_log = optimize(ep, weights, config, cfg, pipeline)
-    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    try:
+    with Staging(out_dir) as tmp_dir:  # the old artifact stays at out_dir until the swap
         _write(tmp_dir, model_dir, ep, weights, config, hf_config, cfg, max_len, pass_log)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp_dir.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_dir
 
 
@@ -81,11 +73,17 @@ def _compile_gguf(cfg: CompileConfig, gguf_path: Path, out_dir: Path) -> Path:
     from xllm_compile.gguf import gguf_to_hf_folder
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out_dir.parent) as tmp:
+    clean_stale(out_dir)
+    tmp = sibling(out_dir, "gguf")  # beside the artifact: the same disk, cleaned if killed
+    try:
         hf_dir = gguf_to_hf_folder(
-            gguf_path, Path(tmp) / "hf", dtype=cfg.torch_dtype, show_progress=cfg.show_progress
+            gguf_path, tmp / "hf", dtype=cfg.torch_dtype, show_progress=cfg.show_progress
         )
         return compile_model(dataclasses.replace(cfg, model_path=str(hf_dir)))
+    except OSError as e:
+        raise write_error(out_dir, e) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -192,19 +190,25 @@ def step_inputs_meta(tokens: int, seqs: int, logits: int) -> list[torch.Tensor]:
 
 
 def _write(tmp_dir, model_dir, ep, weights, config, hf_config, cfg, max_len, pass_log) -> None:
+    """Every file of the artifact into `tmp_dir` (kill checkpoints after each, for tests)."""
     (tmp_dir / artifact.PROGRAM).write_bytes(program_format.dumps(ep))
     constants = program_format.tensor_constants(ep)
     if constants:
-        save_file(constants, tmp_dir / program_format.CONSTANTS_FILE)
+        save_safetensors(constants, tmp_dir / program_format.CONSTANTS_FILE)
+    env.kill_at("program")
     params = [spec.target for spec in ep.graph_signature.input_specs if spec.target in weights]
-    save_file({name: weights[name].contiguous() for name in params}, tmp_dir / artifact.WEIGHTS)
+    weights_file = tmp_dir / artifact.WEIGHTS
+    save_safetensors({name: weights[name].contiguous() for name in params}, weights_file)
+    env.kill_at("weights")
     tokenizer_files = artifact.copy_tokenizer(model_dir, tmp_dir)
+    env.kill_at("tokenizer")
     buckets = parse_buckets(cfg.buckets, cfg.max_num_seqs, max_len, cfg.max_num_tokens)
     # what the runtime will run: serialization reorders nodes and plans follow node order
     saved = program_format.loads((tmp_dir / artifact.PROGRAM).read_bytes(), constants)
     plans = bucket_plans(saved, weights, config, cfg, buckets)
     if plans:
         (tmp_dir / arena_plans.FILE).write_text(arena_plans.dumps(plans, saved.graph_module.graph))
+    env.kill_at("arena_plans")
     artifact.write_manifest(
         tmp_dir,
         {
@@ -232,3 +236,4 @@ def _write(tmp_dir, model_dir, ep, weights, config, hf_config, cfg, max_len, pas
             "arena_plans": {"file": arena_plans.FILE, "plans": len(plans)} if plans else None,
         },
     )
+    env.kill_at("manifest")

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from xllm_compile.errors import ConfigError, UnsupportedModelError, WeightError
 from xllm_compile.gguf_tokenizer import eos_token_ids, write_tokenizer
+from xllm_compile.hf import save_safetensors
 from xllm_compile.progress import progress
 
 log = logging.getLogger(__name__)
@@ -276,7 +276,7 @@ class ShardWriter:
 
     def flush(self) -> None:
         path = self.out_dir / f".shard-{len(self.files):05d}.safetensors"
-        save_file(self.pending, path, metadata={"format": "pt"})
+        save_safetensors(self.pending, path, metadata={"format": "pt"})
         self.files.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 

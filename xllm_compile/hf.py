@@ -3,12 +3,15 @@ tensor into the dtype we compile for, with every name and shape checked."""
 
 from __future__ import annotations
 
+import errno
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from xllm_compile.config import read_json
 from xllm_compile.errors import ConfigError, WeightError
@@ -93,3 +96,12 @@ def stream_weights(
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise WeightError(f"missing weight {missing[0]!r}{more} in {model_dir}")
     return weights
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, its I/O errors (ENOSPC...) raised as the OSError they are."""
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        raise OSError(int(code.group(1)) if code else errno.EIO, str(e), str(path)) from None
