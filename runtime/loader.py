@@ -93,6 +93,11 @@ def load(
         from xllm_compile.runtime.graph_cache import attach_graph_cache
 
         backend = None if graph_cache is True else graph_cache
+        if backend == "cuda_graph" and not device.startswith("cuda"):
+            raise ConfigError(
+                f"graph cache 'cuda_graph' needs a CUDA device, and this runs on {device}: "
+                "use eager or inductor"
+            )
         cuda_graphs = backend == "cuda_graph" or (backend is None and device.startswith("cuda"))
         wanted = arena or (arena is None and cuda_graphs)  # the default: with CUDA graphs
         plans = read_arena_plans(art, graph_module) if wanted else []

@@ -1,5 +1,5 @@
 """Command line: `xllm-compile MODEL --out ART` and
-`xllm {compile,generate,chat,serve,pull,inspect}`.
+`xllm {compile,generate,chat,serve,pull,inspect,build-kernels}`.
 
 Each subcommand builds a config and calls one library function. A user error (XllmError) is one
 line on stderr and exit status 2; progress goes to stderr, results to stdout.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from xllm_compile.config import DEVICES, DTYPES, CompileConfig
@@ -310,6 +311,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_kernels(args: argparse.Namespace) -> int:
+    """Build (or find) the C++ CPU kernels now; prints the shared library's path."""
+    from xllm_compile.kernels.cpu.build import KernelBuildError, build_and_load
+
+    try:
+        print(build_and_load(timeout_s=args.timeout))
+    except KernelBuildError as e:
+        raise XllmError(f"the C++ CPU kernels cannot be built: {e}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xllm", description="xllm-compile runtime and tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -335,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=sorted(_pull_names()))
     p.add_argument("--dir", default=None, help="cache folder (default: ~/.cache/xllm_compile)")
     p.set_defaults(func=cmd_pull)
+    p = sub.add_parser("build-kernels", help="build the C++ CPU kernels now (else on first use)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for a lock")
+    p.set_defaults(func=cmd_build_kernels)
     p = sub.add_parser("inspect", help="show an artifact's manifest")
     p.add_argument("artifact")
     p.add_argument("--json", action="store_true")
@@ -353,6 +368,9 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `xllm inspect --json | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit flush
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
