@@ -13,7 +13,7 @@ import xllm_compile.kernels  # noqa: F401  (registers the xllm:: ops the program
 from xllm_compile import arena_plans, artifact, program_format
 from xllm_compile.backend import check_device
 from xllm_compile.config import DTYPES, ModelConfig
-from xllm_compile.errors import ArtifactError, ConfigError
+from xllm_compile.errors import ArtifactError, ConfigError, XllmError
 from xllm_compile.runtime.engine import Engine
 from xllm_compile.runtime.executor import Executor
 from xllm_compile.runtime.kv_cache import ContiguousKVCache, KVCache
@@ -64,7 +64,9 @@ def load(
     check_device(device)
     graph_module = _load_program(art)
     params = _load_params(art, m["program"]["params"], device)
-    config = ModelConfig.from_dict(m["model"]["config"])
+    config = _model_config(art)
+    named = dict(zip(m["program"]["params"], params, strict=True))
+    _check_config(art, config, graph_module, named)
     limits = m["limits"]
     num_seqs = max_num_seqs or limits["max_num_seqs"]
     geometry = KVGeometry(
@@ -120,6 +122,38 @@ def load(
     elif arena:
         raise ConfigError("arena: the activation arena runs with the graph cache; enable it too")
     return engine
+
+
+def _model_config(art: artifact.Artifact) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(art.manifest["model"]["config"])
+    except (KeyError, TypeError, ValueError, XllmError) as e:
+        raise ArtifactError(
+            f"{art.path}: the manifest's model config is unreadable ({e}); recompile the model"
+        ) from None
+
+
+def _check_config(art: artifact.Artifact, config: ModelConfig, gm, params: dict) -> None:
+    """The manifest is not covered by its own hashes: check the model config it states against
+    the program and weights it describes (an edited vocab_size would let token ids past the
+    embedding through the request checks)."""
+    kv = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "kv_cache")
+    layers, _, _, _, kv_heads, head_dim = kv.meta["val"].shape  # [L, 2, S, M, Hkv, D]
+    embed = params.get("model.embed_tokens.weight")
+    facts = {
+        "num_layers": int(layers),
+        "num_kv_heads": int(kv_heads),
+        "head_dim": int(head_dim),
+        "vocab_size": None if embed is None else embed.shape[0],
+        "hidden_size": None if embed is None else embed.shape[1],
+    }
+    for name, actual in facts.items():
+        stated = getattr(config, name)
+        if actual is not None and stated != actual:
+            raise ArtifactError(
+                f"{art.path}: manifest.json says {name}={stated}, but the program and weights "
+                f"have {actual}: the manifest was edited; recompile the model"
+            )
 
 
 def read_arena_plans(art: artifact.Artifact, graph_module) -> list:

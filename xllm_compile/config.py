@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from xllm_compile.config_fields import check_fields
 from xllm_compile.errors import ConfigError, UnsupportedModelError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,6 +85,7 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     sliding_window: int = 0  # 0 = full attention
+    hidden_act: str = "silu"  # the MLP's activation (config_fields.ACTIVATIONS)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -116,7 +118,9 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], family: str) -> ModelConfig:
-        """Build from a config.json dict (transformers 4 or 5 style)."""
+        """Build from a config.json dict (transformers 4 or 5 style); every field is read, or
+        inert, or refused (config_fields.py)."""
+        check_fields(hf)
         try:
             num_heads = int(hf["num_attention_heads"])
             hidden = int(hf["hidden_size"])
@@ -139,6 +143,7 @@ class ModelConfig:
                 o_bias=bool(hf.get("attention_bias", False)),
                 mlp_bias=bool(hf.get("mlp_bias", False)),
                 sliding_window=_parse_sliding_window(hf),
+                hidden_act=str(hf.get("hidden_act", "silu")),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=_as_tuple(hf.get("eos_token_id")),
             )
@@ -170,8 +175,6 @@ def _parse_rope(hf: dict[str, Any]) -> RopeConfig:
             kwargs[key] = float(merged[key])
     if merged.get("original_max_position_embeddings") is not None:
         kwargs["original_max_position_embeddings"] = int(merged["original_max_position_embeddings"])
-    if merged.get("partial_rotary_factor", 1.0) != 1.0:
-        raise UnsupportedModelError("config.json: partial_rotary_factor != 1 is not supported")
     return RopeConfig(**kwargs)
 
 
@@ -181,6 +184,16 @@ def _parse_sliding_window(hf: dict[str, Any]) -> int:
         return 0
     if "use_sliding_window" in hf and not hf["use_sliding_window"]:
         return 0  # Qwen2 carries a window value but only uses it when this flag is set
+    layers, first = int(hf.get("num_hidden_layers", 0)), hf.get("max_window_layers")
+    if "use_sliding_window" in hf and first is not None and not hf.get("layer_types"):
+        # transformers 4 Qwen2/3: layers from `max_window_layers` on slide, those before do not
+        if int(first) >= layers:
+            return 0
+        if int(first) > 0:
+            raise UnsupportedModelError(
+                f"config.json: max_window_layers={first} mixes sliding and full attention "
+                "layers, which is not supported"
+            )
     layer_types = hf.get("layer_types")
     if layer_types and any(t != "sliding_attention" for t in layer_types):
         if all(t == "full_attention" for t in layer_types):

@@ -147,6 +147,13 @@ def hf_config_from_gguf(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]]
         raise UnsupportedModelError(
             "GGUF rope_freqs (Llama 3.1 style rope scaling) is not supported yet"
         )
+    layers = int(get("block_count"))
+    present = {int(n.split(".")[1]) for n in shapes if n.startswith("blk.")}
+    if present != set(range(layers)):
+        raise WeightError(
+            f"GGUF metadata says {arch}.block_count={layers}, but the file holds tensors for "
+            f"{len(present)} layers: the file is corrupt or mislabelled"
+        )
     hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
     theta = float(get("rope.freq_base", 10000.0))
     return {
@@ -155,7 +162,7 @@ def hf_config_from_gguf(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]]
         "vocab_size": _shape(shapes, "token_embd.weight")[0],
         "hidden_size": hidden,
         "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")),
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": int(get("attention.head_count_kv", heads)),
         "head_dim": int(meta.get(f"{arch}.attention.key_length") or _q_rows(shapes) // heads),

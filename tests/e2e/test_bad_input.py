@@ -84,7 +84,7 @@ def test_failed_compile_keeps_existing_artifact(model_copy, tmp_path):
     proc = run_cli("compile", str(model_copy), "--out", str(art), "--quiet")
     assert proc.returncode == 2
     assert (art / "manifest.json").read_text() == before
-    assert not list(tmp_path.glob(".art.tmp-*"))
+    assert not list(tmp_path.glob(".art.xllm-*"))
 
 
 @pytest.fixture

@@ -227,3 +227,17 @@ def test_sandbox_keeps_what_hf_templates_use(art):
     assert out.startswith('{"role": "user", "content": "é"}') and out[-2:].isdigit()
     with pytest.raises(RequestError, match="no bad"):
         tok.apply_chat_template([{"role": "bad", "content": ""}])
+
+
+# -- the manifest --
+
+
+@pytest.mark.parametrize(("field", "delta"), [("vocab_size", 1), ("num_layers", 1)])
+def test_an_edited_manifest_config_is_caught(art, field, delta):
+    """The manifest lists the hashes, not itself: its config is checked against the program
+    and weights (vocab_size + 1 let token id 2048 through to the embedding)."""
+    manifest = json.loads((art / MANIFEST).read_text())
+    manifest["model"]["config"][field] += delta
+    (art / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=f"manifest.json says {field}="):
+        load(art)

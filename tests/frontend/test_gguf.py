@@ -199,6 +199,20 @@ def test_unknown_architecture(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before writing anything
 
 
+def test_block_count_beyond_the_tensors_is_one_line(tmp_path):
+    """A GGUF claiming 100k layers with tensors for one: refused at once (it used to run for
+    minutes growing memory)."""
+    tensors = {
+        "token_embd.weight": (np.zeros((8, 4), np.float32), None),
+        "blk.0.attn_q.weight": (np.zeros((4, 4), np.float32), None),
+    }
+    meta = {"llama.block_count": 100_000}
+    path = write_raw_gguf(tmp_path / "big.gguf", "llama", meta, tensors)
+    with pytest.raises(WeightError) as excinfo:
+        gguf_to_hf_folder(path, tmp_path / "out", show_progress=False)
+    _one_line(excinfo, "block_count=100000", "1 layers")
+
+
 def test_unsupported_quant_type(tmp_path):
     q8_1 = gguf.GGMLQuantizationType.Q8_1  # llama.cpp uses it for activations only
     block_elems, block_bytes = gguf.GGML_QUANT_SIZES[q8_1]
@@ -216,7 +230,7 @@ def test_cli_compiles_a_gguf_file_directly(gguf_models, tmp_path):
     direct = compile_cli(path, tmp_path / "direct")
     a, b = load_file(art / "weights.safetensors"), load_file(direct / "weights.safetensors")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
-    assert not list(tmp_path.glob(".gguf-*"))  # the temporary HF folder is gone
+    assert not list(tmp_path.glob(".*gguf-*"))  # the temporary HF folder is gone
 
 
 def test_cli_bad_gguf_is_one_line_exit_2(gguf_models, tmp_path):

@@ -10,6 +10,8 @@ Inputs are a flat ragged batch: T tokens of B sequences packed into one dimensio
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,6 +105,20 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+# transformers' ACT2FN, as each is written there (config_fields.ACTIVATIONS lists the names)
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: (
+        0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x.pow(3.0))))
+    ),
+    "relu": F.relu,
+}
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -110,9 +126,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
+        self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
