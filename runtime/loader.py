@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 import xllm_compile.kernels  # noqa: F401  (registers the xllm:: ops the program calls)
-from xllm_compile import arena_plans, artifact, program_format
+from xllm_compile import arena_plans, artifact, program_format, signing
 from xllm_compile.backend import check_device
 from xllm_compile.config import DTYPES, ModelConfig
 from xllm_compile.errors import ArtifactError, ConfigError, XllmError
@@ -34,6 +34,7 @@ def load(
     graph_cache: bool | str = False,
     warmup: bool = False,
     arena: bool | None = None,
+    trust: str | Path | None = None,
 ) -> Engine:
     """Load an artifact directory into an Engine.
 
@@ -50,6 +51,8 @@ def load(
         warmup: build every graph-cache bucket now instead of on first use.
         arena: run the graph cache's bucket programs over one activation arena laid out by the
             artifact's arena plans (None: yes with CUDA graphs, when the artifact has plans).
+        trust: a file of trusted ed25519 public keys: refuse the artifact unless its manifest
+            is signed by one of them (signing.py); None: integrity checks only.
         kv_page_size: bytes per KV page (a multiple of the OS / driver granularity); default:
             16 tokens of every layer's K and V, rounded up to that granularity.
     Raises:
@@ -58,6 +61,8 @@ def load(
             asked for where none can be used (no graph cache, Inductor, no usable plans).
         BackendUnavailableError: the device (or its page mapping) is not available here.
     """
+    if trust is not None:
+        signing.verify(Path(path), signing.read_trusted(Path(trust)))
     art = artifact.open_artifact(path, verify=verify)
     m = art.manifest
     device = device or m["device"]

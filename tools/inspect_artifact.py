@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from xllm_compile.artifact import read_manifest
+from xllm_compile.signing import signer
 
 
 def _table(rows: list[tuple[str, str]], title: str) -> str:
@@ -49,6 +50,8 @@ def inspect_artifact(path: str, as_json: bool = False) -> str:
     model_rows.append(("tokenizer", "yes" if m.get("tokenizer") else "no"))
     model_rows += [(k, v) for k, v in m["versions"].items()]
     model_rows += [("format", str(m["format_version"])), ("created", m.get("created", "?"))]
+    signed_by = signer(Path(path))  # claimed, not verified: `--trust` verifies
+    model_rows.append(("signed by", signed_by or "not signed"))
     files = [
         (name, f"{_human_bytes(f['bytes']):>10}  sha256 {f['sha256'][:16]}…")
         for name, f in m["files"].items()

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from xllm_compile.config import DEVICES, DTYPES, CompileConfig
 from xllm_compile.errors import ConfigError, XllmError
@@ -54,6 +55,9 @@ def _add_compile_args(p: argparse.ArgumentParser) -> None:
         "(default: powers of two; prefill up to 512 tokens)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--sign", default=None, dest="sign_key", metavar="KEY", help="sign with this ed25519 key"
+    )
     _add_pass_args(p)
 
 
@@ -126,6 +130,12 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
         help="graph cache: run bucket programs over one activation arena laid out at compile "
         "time (default: on with cuda_graph when the artifact has arena plans)",
     )
+    p.add_argument(
+        "--trust",
+        default=None,
+        metavar="KEYS",
+        help="a file of trusted public keys: refuse an artifact not signed by one of them",
+    )
 
 
 def _load(args: argparse.Namespace, **extra):
@@ -139,6 +149,7 @@ def _load(args: argparse.Namespace, **extra):
         kv_memory=memory,
         graph_cache=args.graph_cache or False,
         arena=args.arena,
+        trust=args.trust,
         **extra,
     )
 
@@ -181,6 +192,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         disable_passes=tuple(args.disable_passes),
         dump_graphs=args.dump_graphs,
         verify=args.verify,
+        sign_key=args.sign_key,
     )
     out = compile_model(cfg)
     print(f"compiled {args.model} -> {out}")
@@ -217,13 +229,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.json:
             print(
                 json.dumps(
-                    {"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}
+                    {
+                        "text": r.text,
+                        "token_ids": r.token_ids,
+                        "finish_reason": r.finish_reason,
+                        **({"error": r.error} if r.error else {}),
+                    }
                 )
             )
         elif args.token_ids is not None or r.text is None:
             print(",".join(map(str, r.token_ids)))
         else:
             print(r.text)
+    failed = [r.error for r in results if r.finish_reason == "error"]
+    if failed:
+        raise XllmError(f"generation failed: {failed[0]}")
     return 0
 
 
@@ -311,6 +331,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from xllm_compile.signing import generate_key
+
+    pub = generate_key(Path(args.key))
+    print(f"private key: {args.key} (keep it secret)\npublic key:  {pub} (give it to --trust)")
+    return 0
+
+
 def cmd_build_kernels(args: argparse.Namespace) -> int:
     """Build (or find) the C++ CPU kernels now; prints the shared library's path."""
     from xllm_compile.kernels.cpu.build import KernelBuildError, build_and_load
@@ -347,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=sorted(_pull_names()))
     p.add_argument("--dir", default=None, help="cache folder (default: ~/.cache/xllm_compile)")
     p.set_defaults(func=cmd_pull)
+    p = sub.add_parser("keygen", help="make an ed25519 key pair for --sign / --trust")
+    p.add_argument("key", help="path of the private key to write (KEY.pub: the public key)")
+    p.set_defaults(func=cmd_keygen)
     p = sub.add_parser("build-kernels", help="build the C++ CPU kernels now (else on first use)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for a lock")
     p.set_defaults(func=cmd_build_kernels)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from xllm_compile import arena_plans, artifact, env, program_format
+from xllm_compile import arena_plans, artifact, env, program_format, signing
 from xllm_compile.backend import check_device
 from xllm_compile.buckets import parse_buckets, step_shapes
 from xllm_compile.config import CompileConfig, ModelConfig
@@ -48,6 +48,7 @@ def compile_model(cfg: CompileConfig) -> Path:
     """
     check_device(cfg.device)
     pipeline = build_pipeline(cfg.passes, cfg.disable_passes)  # bad names fail before any work
+    key = signing.load_key(cfg.sign_key) if cfg.sign_key else None  # so does a bad key
     model_dir, out_dir = Path(cfg.model_path), Path(cfg.out_dir)
     _check_out_dir(out_dir)
     if model_dir.suffix == ".gguf":
@@ -64,6 +65,8 @@ def compile_model(cfg: CompileConfig) -> Path:
     pass_log = optimize(ep, weights, config, cfg, pipeline)
     with Staging(out_dir) as tmp_dir:  # the old artifact stays at out_dir until the swap
         _write(tmp_dir, model_dir, ep, weights, config, hf_config, cfg, max_len, pass_log)
+        if key is not None:
+            signing.sign(tmp_dir, key)
     return out_dir
 
 

@@ -229,6 +229,7 @@ class CompileConfig:
     disable_passes: tuple[str, ...] = ()
     dump_graphs: str | None = None  # folder for NN_<pass>.py graph dumps
     verify: bool = True  # check each pass's numbers against the graph before it
+    sign_key: str | None = None  # an ed25519 private key: sign the manifest (signing.py)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -42,10 +42,12 @@ _FQN = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 # Shape expressions as torch writes them: Mul(Integer(128), Symbol('s91', positive=True, ...)).
 _SYMBOL_NAME = re.compile(r"'[a-z]+\d+'")
 _EXPR_CHARS = re.compile(r"[A-Za-z0-9_(),=\s+*/\-]*")
+# No powers (Pow(Integer(10), Integer(10**18)) would compute for ever) and no number past int64.
+_LONG_NUMBER = re.compile(r"\d{20}")
 _EXPR_WORDS = frozenset(
-    {"Symbol", "Integer", "Mul", "Add", "Pow", "Mod", "Rational", "Max", "Min", "Abs"}
+    {"Symbol", "Integer", "Mul", "Add", "Mod", "Rational", "Max", "Min", "Abs"}
     | {"FloorDiv", "ModularIndexing", "CleanDiv", "CeilDiv", "CeilToInt", "FloorToInt"}
-    | {"PythonMod", "Where", "IntTrueDiv", "PowByNatural", "TruncToInt", "Identity"}
+    | {"PythonMod", "Where", "IntTrueDiv", "TruncToInt", "Identity"}
     | {"True", "False", "positive", "integer", "nonnegative", "negative", "real", "finite"}
 )
 
@@ -150,7 +152,7 @@ def _walk(value: Any, where: str, key: str = "") -> None:
         for v in value:
             _walk(v, where, key)
     elif isinstance(value, str):
-        if key == "name" and not _IDENTIFIER.fullmatch(value):
+        if key in ("name", "as_name") and not _IDENTIFIER.fullmatch(value):
             raise ArtifactError(f"{where}: bad value name {value[:60]!r}")
         if key in ("target", "parameter_name", "buffer_name") and not (
             _FQN.fullmatch(value) or _allowed_target(value)
@@ -164,7 +166,7 @@ def _safe_expression(text: str) -> bool:
     """Only sympy constructors over quoted symbol names: no attribute access, subscripts,
     strings or names that sympify's eval could turn into a call of anything else."""
     rest = _SYMBOL_NAME.sub("", text)
-    if not _EXPR_CHARS.fullmatch(rest):
+    if not _EXPR_CHARS.fullmatch(rest) or _LONG_NUMBER.search(rest):
         return False
     return all(w in _EXPR_WORDS for w in _IDENTIFIER.findall(rest) if not w[0].isdigit())
 

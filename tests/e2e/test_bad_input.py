@@ -124,3 +124,19 @@ def test_prompt_longer_than_maximum(model_copy, tmp_path):
 def test_text_prompt_without_tokenizer(llama_artifact):
     proc = run_cli("generate", str(llama_artifact), "--prompt", "hello")
     assert_one_line_error(proc, "no tokenizer")
+
+
+def test_inspect_into_a_closed_pipe_is_quiet(llama_artifact):
+    """`xllm inspect --json | head`: the reader leaving early is not a traceback."""
+    cmd = [sys.executable, "-m", "xllm_compile", "inspect", str(llama_artifact), "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before it writes anything: every write is EPIPE
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
+
+
+def test_cuda_graphs_on_a_cpu_is_one_line(llama_artifact):
+    proc = run_cli(
+        "generate", str(llama_artifact), "--token-ids", "1,2", "--graph-cache", "cuda_graph"
+    )
+    assert_one_line_error(proc, "cuda_graph", "CUDA device")

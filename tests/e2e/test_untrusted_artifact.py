@@ -18,7 +18,7 @@ from xllm_compile.artifact import MANIFEST, PROGRAM
 from xllm_compile.errors import ArtifactError, RequestError
 from xllm_compile.runtime import load
 
-from conftest import rehash
+from conftest import EXAMPLE, compile_cli, rehash
 
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -146,15 +146,25 @@ def test_a_program_calling_anything_but_our_ops_is_refused(art, target):
         load(art)
 
 
-def test_a_node_name_with_code_is_refused(art):
+@pytest.mark.parametrize("kind", ["as_tensor", "as_sym_int"])
+def test_a_node_name_with_code_is_refused(art, kind):
+    """Names become Python identifiers in the generated forward: code there would run."""
+    key = "name" if kind == "as_tensor" else "as_name"
+
     def edit(doc):
         nodes = doc["graph_module"]["graph"]["nodes"]
-        node = next(n for n in nodes if "as_tensor" in n["outputs"][0])
-        node["outputs"][0]["as_tensor"]["name"] = "x = __import__('os')"
+        node = next(n for n in nodes if kind in n["outputs"][0])
+        node["outputs"][0][kind][key] = "x = __import__('os')"
 
     edit_program(art, edit)
     with pytest.raises(ArtifactError, match="bad value name"):
         load(art)
+
+
+def test_expensive_shape_expressions_are_refused():
+    assert program_format._safe_expression("Mul(Integer(2), Symbol('s1', positive=True))")
+    assert not program_format._safe_expression("Pow(Integer(10), Integer(10000000000))")
+    assert not program_format._safe_expression("Mul(Integer(100000000000000000000), Integer(3))")
 
 
 def test_real_programs_pass_the_check_unchanged(art):
@@ -241,3 +251,31 @@ def test_an_edited_manifest_config_is_caught(art, field, delta):
     (art / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=f"manifest.json says {field}="):
         load(art)
+
+
+# -- signatures --
+
+
+def test_signed_artifacts_and_trust(tiny_artifact, tmp_path):
+    """--sign KEY signs the manifest; --trust KEYS refuses what is unsigned, signed by another
+    key, or changed after signing (even with every hash rewritten)."""
+    from xllm_compile.cli import main
+
+    key, other = tmp_path / "key", tmp_path / "other"
+    assert main(["keygen", str(key)]) == 0 and main(["keygen", str(other)]) == 0
+    trusted = tmp_path / "trusted"
+    trusted.write_text("# ours\n" + (tmp_path / "key.pub").read_text())
+    art = compile_cli(EXAMPLE, tmp_path / "art", "--sign", str(key))
+    assert load(art, trust=trusted).generate(["It is"], max_tokens=2)[0].token_ids
+    with pytest.raises(ArtifactError, match="not signed"):
+        load(tiny_artifact, trust=trusted)
+    by_other = compile_cli(EXAMPLE, tmp_path / "other-art", "--sign", str(other))
+    with pytest.raises(ArtifactError, match="do not trust"):
+        load(by_other, trust=trusted)
+    set_template(art, "{{ 'changed' }}")  # rewrites a file and the manifest's hashes
+    with pytest.raises(ArtifactError, match="changed after signing"):
+        load(art, trust=trusted)
+    one_line_exit_2(
+        run_cli("generate", str(art), "--prompt", "x", "--trust", str(trusted)), "signature"
+    )
+    assert load(art).tokenizer  # without --trust: integrity only, as before
