@@ -83,30 +83,44 @@ async def _respond(send, status: int, message: str) -> None:
 
 
 def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
-    """H11Protocol that closes a connection whose first request's headers are not complete
-    within `seconds` of connecting (uvicorn's keep-alive timeout covers idle time between
-    requests, but not a client that connects and then trickles headers)."""
+    """H11Protocol that closes a connection whose next request's headers are not complete
+    within `seconds`: of connecting, or of the previous response on a kept-alive connection
+    (uvicorn's keep-alive timer stops at the first byte, so a client trickling headers would
+    otherwise hold the connection for ever)."""
 
     class HeaderTimeoutProtocol(H11Protocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            self._header_timer = None
+            self._arm()
+
+        def _arm(self) -> None:
+            self._waiting_after = self.cycle  # headers are in once a new cycle starts
             self._header_timer = self.loop.call_later(seconds, self._headers_late)
 
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if self.cycle is not None and self._header_timer is not None:
-                self._header_timer.cancel()  # a request's headers are in
-                self._header_timer = None
-
-        def connection_lost(self, exc) -> None:
+        def _disarm(self) -> None:
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._header_timer is not None and self.cycle is not self._waiting_after:
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._disarm()
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
             super().connection_lost(exc)
 
         def _headers_late(self) -> None:
             self._header_timer = None
-            if self.cycle is None and not self.transport.is_closing():
+            if self.cycle is self._waiting_after and not self.transport.is_closing():
                 self.transport.close()
 
     return HeaderTimeoutProtocol

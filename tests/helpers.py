@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import torch
 
 from xllm_compile.runtime.sampler import SamplingParams
@@ -42,3 +45,24 @@ def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
     for _ in range(num_tokens):
         ids.append(int(hf_logits(model, ids)[-1].argmax()))
     return ids[len(prompt) :]
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m xllm_compile ARGS` in a real process."""
+    return subprocess.run(
+        [sys.executable, "-m", "xllm_compile", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        input=stdin,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """A user error: exit 2, one line on stderr holding every needle, no traceback."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]

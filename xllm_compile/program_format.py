@@ -186,8 +186,8 @@ def _placeholders(doc: dict, serde) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for spec in doc["graph_module"]["signature"]["input_specs"]:
         kind, body = next(iter(spec.items()))
-        if kind not in ("parameter", "buffer"):
-            continue
+        if kind not in ("parameter", "buffer") or body.get("persistent") is False:
+            continue  # a non-persistent buffer is a constant (CONSTANTS_FILE), not state
         meta = values[body["arg"]["name"]]
         shape = [s["as_int"] for s in meta["sizes"]]
         dtype = serde._SERIALIZE_TO_TORCH_DTYPE[serde.ScalarType(meta["dtype"])]

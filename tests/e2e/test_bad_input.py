@@ -12,21 +12,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from conftest import compile_cli
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "xllm_compile", *args], capture_output=True, text=True, timeout=300
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+from helpers import assert_one_line_error, run_cli
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import subprocess
-import sys
 import zipfile
 
 import pytest
@@ -19,25 +17,7 @@ from xllm_compile.errors import ArtifactError, RequestError
 from xllm_compile.runtime import load
 
 from conftest import EXAMPLE, compile_cli, rehash
-
-
-def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "xllm_compile", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        input=stdin,
-    )
-
-
-def one_line_exit_2(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+from helpers import assert_one_line_error, run_cli
 
 
 def template_payload(marker) -> str:
@@ -82,7 +62,7 @@ def test_a_pickle_archive_in_place_of_the_program_is_refused(art, tmp_path):
     rehash(art)
     with pytest.raises(ArtifactError, match="not a program document"):
         load(art)
-    one_line_exit_2(run_cli("generate", str(art), "--prompt", "hi"), "not a program document")
+    assert_one_line_error(run_cli("generate", str(art), "--prompt", "hi"), "not a program document")
     assert not marker.exists()
 
 
@@ -93,7 +73,7 @@ def test_an_old_pt2_artifact_is_refused_by_format(art, tmp_path):
     manifest = json.loads((art / MANIFEST).read_text())
     manifest["format_version"] = 1
     (art / MANIFEST).write_text(json.dumps(manifest))
-    one_line_exit_2(run_cli("generate", str(art), "--prompt", "hi"), "format 1", "recompile")
+    assert_one_line_error(run_cli("generate", str(art), "--prompt", "hi"), "format 1", "recompile")
     assert not marker.exists()
 
 
@@ -180,7 +160,7 @@ def test_real_programs_pass_the_check_unchanged(art):
 def test_template_payload_through_generate_and_chat(art, tmp_path):
     marker = tmp_path / "pwned"
     set_template(art, template_payload(marker))
-    one_line_exit_2(run_cli("generate", str(art), "--chat", "hello"), "chat template")
+    assert_one_line_error(run_cli("generate", str(art), "--chat", "hello"), "chat template")
     proc = run_cli("chat", str(art), stdin="hello\n")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "chat template" in proc.stderr
@@ -275,7 +255,7 @@ def test_signed_artifacts_and_trust(tiny_artifact, tmp_path):
     set_template(art, "{{ 'changed' }}")  # rewrites a file and the manifest's hashes
     with pytest.raises(ArtifactError, match="changed after signing"):
         load(art, trust=trusted)
-    one_line_exit_2(
+    assert_one_line_error(
         run_cli("generate", str(art), "--prompt", "x", "--trust", str(trusted)), "signature"
     )
     assert load(art).tokenizer  # without --trust: integrity only, as before
