@@ -109,6 +109,21 @@ class Engine:
             raise XllmError(f"generation failed: {seq.error}")
 
     @property
+    def is_healthy(self) -> bool:
+        """False once a tensor-parallel rank died or hung: no step can run any more."""
+        return self.executor.is_healthy
+
+    def close(self) -> None:
+        """Release what outlives the process's objects: the other ranks of a --tp artifact."""
+        self.executor.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
     def graph_cache_stats(self):
         """The graph cache's counters (hits, misses, builds, build time, evictions, compile-cache
         hits and misses, arena programs), or None without a graph cache."""

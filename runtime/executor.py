@@ -16,6 +16,8 @@ class Executor:
         self.params = params
         self.device = torch.device(device)
         self.graph_cache = None  # a runtime.graph_cache.GraphCache, attached by the loader
+        self.tp_group = None  # a runtime.tp_group.TPGroup: every step goes to ranks 1..N-1 too
+        self.kv_journal = None  # with tp_group: rank 0's JournaledKVCache
 
     @staticmethod
     def step_rows(seqs: list[Sequence], all_logits: bool = False) -> list[list[int]]:
@@ -39,12 +41,30 @@ class Executor:
     def run(self, seqs: list[Sequence], kv_cache: torch.Tensor, all_logits: bool = False):
         """Run one step and mark the pending tokens as cached. Returns logits [N, V]."""
         rows = self.step_rows(seqs, all_logits)
+        if self.tp_group is None:
+            logits = self._run(rows, kv_cache, all_logits)
+        else:  # the same step on every rank, bounded by the group's watchdog
+            with self.tp_group.watch():
+                self.tp_group.step(rows, self.kv_journal.take_journal())
+                logits = self._run(rows, kv_cache, all_logits)
+        for seq in seqs:
+            seq.num_cached = seq.num_tokens
+        return logits
+
+    def _run(self, rows: list[list[int]], kv_cache: torch.Tensor, all_logits: bool):
         logits = None
         if self.graph_cache is not None and not all_logits:
             logits = self.graph_cache.run(rows, kv_cache)
         if logits is None:
             inputs = [torch.tensor(r, dtype=torch.int64, device=self.device) for r in rows]
             (logits,) = self.graph_module(*self.params, *inputs, kv_cache)
-        for seq in seqs:
-            seq.num_cached = seq.num_tokens
         return logits
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.tp_group is None or self.tp_group.healthy
+
+    def close(self) -> None:
+        """Stop the other ranks of a tensor-parallel group (a no-op otherwise)."""
+        if self.tp_group is not None:
+            self.tp_group.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -35,6 +36,7 @@ def load(
     warmup: bool = False,
     arena: bool | None = None,
     trust: str | Path | None = None,
+    tp_timeout_s: float = 30.0,
 ) -> Engine:
     """Load an artifact directory into an Engine.
 
@@ -53,6 +55,8 @@ def load(
             artifact's arena plans (None: yes with CUDA graphs, when the artifact has plans).
         trust: a file of trusted ed25519 public keys: refuse the artifact unless its manifest
             is signed by one of them (signing.py); None: integrity checks only.
+        tp_timeout_s: a tensor-parallel artifact: how long a step may wait on the other
+            ranks before the group is declared down (runtime/tp_group.py).
         kv_page_size: bytes per KV page (a multiple of the OS / driver granularity); default:
             16 tokens of every layer's K and V, rounded up to that granularity.
     Raises:
@@ -67,6 +71,12 @@ def load(
     m = art.manifest
     device = device or m["device"]
     check_device(device)
+    tp_size = (m.get("tp") or {}).get("size", 1)
+    if tp_size > 1 and (graph_cache or device != "cpu"):
+        raise ConfigError(
+            f"{art.path} is a --tp {tp_size} artifact: it runs on cpu (gloo) without the graph "
+            "cache for now"
+        )
     graph_module = _load_program(art)
     params = _load_params(art, m["program"]["params"], device)
     config = _model_config(art)
@@ -78,17 +88,20 @@ def load(
         config.num_layers,
         num_seqs + (1 if graph_cache else 0),  # the graph cache holds one scratch slot
         limits["max_model_len"],
-        config.num_kv_heads,
+        _kv_heads(art, config),
         config.head_dim,
         DTYPES[m["dtype"]],
     )
     cache = _make_kv_cache(kv_cache, geometry, device, kv_memory, kv_page_size)
+    executor = Executor(graph_module, params, device)
+    if tp_size > 1:
+        cache = _start_tp(art, executor, cache, geometry, kv_cache, tp_size, tp_timeout_s)
     tokenizer = None
     if m.get("tokenizer"):  # the tokenizer files the manifest lists and hashes, no others
         files = [f for f in m["tokenizer"].get("files", []) if art.has(f)]
         tokenizer = Tokenizer(art.path, files)
     engine = Engine(
-        Executor(graph_module, params, device),
+        executor,
         cache,
         tokenizer,
         _eos_token_ids(art, config),
@@ -129,6 +142,47 @@ def load(
     return engine
 
 
+def _kv_heads(art: artifact.Artifact, config: ModelConfig) -> int:
+    """KV heads of one rank's cache: all of them, or a --tp artifact's share of them."""
+    tp_info = art.manifest.get("tp") or {}
+    return tp_info.get("local", {}).get("num_kv_heads", config.num_kv_heads)
+
+
+def _start_tp(art, executor, cache, geometry, kv_kind, size: int, timeout_s: float):
+    """Start ranks 1..size-1 (each builds its cache like this one: same geometry and pages)
+    and make `executor` broadcast every step to them; returns rank 0's journaled cache."""
+    from xllm_compile.runtime.tp_group import JournaledKVCache, TPGroup
+
+    threads = max(1, torch.get_num_threads() // size)
+    torch.set_num_threads(threads)  # one share of the cores per rank (this process is one)
+    pool = getattr(cache, "pool", None)
+    options = {
+        "geometry": dataclasses.asdict(geometry) | {"dtype": str(geometry.dtype)},
+        "kv_cache": kv_kind or ("paged" if pool is not None else "contiguous"),
+        "kv_memory": pool.page_size * pool.num_pages if pool is not None else 0,
+        "kv_page_size": pool.page_size if pool is not None else None,
+        "threads": threads,
+    }
+    group = TPGroup(art.path, size, options, timeout_s)
+    program_format.bind_group(executor.graph_module, group.group_name)
+    executor.tp_group, executor.kv_journal = group, JournaledKVCache(cache)
+    return executor.kv_journal
+
+
+def load_rank(path: Path, rank: int, group_name: str, options: dict):
+    """A worker rank's program (bound to `group_name`), weights and KV cache (tp_group.py)."""
+    art = artifact.open_artifact(path, verify=False)  # rank 0 checked every hash
+    entry = art.manifest["tp"]["ranks"][rank]
+    gm = _load_program(art, entry["program"], rank)
+    program_format.bind_group(gm, group_name)
+    params = _load_params(art, entry["params"], "cpu", entry["weights"])
+    g = dict(options["geometry"])
+    g["dtype"] = getattr(torch, g["dtype"].removeprefix("torch."))
+    memory, page = options["kv_memory"], options["kv_page_size"]
+    cache = _make_kv_cache(options["kv_cache"], KVGeometry(**g), "cpu", memory, page)
+    return gm, params, cache
+
+
 def _model_config(art: artifact.Artifact) -> ModelConfig:
     try:
         return ModelConfig.from_dict(art.manifest["model"]["config"])
@@ -145,9 +199,13 @@ def _check_config(art: artifact.Artifact, config: ModelConfig, gm, params: dict)
     kv = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "kv_cache")
     layers, _, _, _, kv_heads, head_dim = kv.meta["val"].shape  # [L, 2, S, M, Hkv, D]
     embed = params.get("model.embed_tokens.weight")
+    if int(kv_heads) != _kv_heads(art, config):
+        raise ArtifactError(
+            f"{art.path}: manifest.json says {_kv_heads(art, config)} KV heads per rank, but the "
+            f"program has {int(kv_heads)}: the manifest was edited; recompile the model"
+        )
     facts = {
         "num_layers": int(layers),
-        "num_kv_heads": int(kv_heads),
         "head_dim": int(head_dim),
         "vocab_size": None if embed is None else embed.shape[0],
         "hidden_size": None if embed is None else embed.shape[1],
@@ -203,17 +261,22 @@ def _make_kv_cache(
     raise ConfigError(f"kv_cache must be 'paged' or 'contiguous', got {kind!r}")
 
 
-def _load_program(art: artifact.Artifact) -> torch.fx.GraphModule:
-    """The program, through program_format (no pickle); its tensor constants, if any, from
+def _load_program(
+    art: artifact.Artifact, name: str = artifact.PROGRAM, rank: int = 0
+) -> torch.fx.GraphModule:
+    """A program, through program_format (no pickle); its tensor constants, if any, from
     safetensors."""
     constants = {}
-    if art.has(program_format.CONSTANTS_FILE):
-        constants = _read_safetensors(art, program_format.CONSTANTS_FILE, None, "cpu")
-    return program_format.load(art.file(artifact.PROGRAM), constants)
+    constants_file = artifact.rank_file(program_format.CONSTANTS_FILE, rank)
+    if art.has(constants_file):
+        constants = _read_safetensors(art, constants_file, None, "cpu")
+    return program_format.load(art.file(name), constants)
 
 
-def _load_params(art: artifact.Artifact, names: list[str], device: str) -> list[torch.Tensor]:
-    tensors = _read_safetensors(art, artifact.WEIGHTS, names, device)
+def _load_params(
+    art: artifact.Artifact, names: list[str], device: str, file: str = artifact.WEIGHTS
+) -> list[torch.Tensor]:
+    tensors = _read_safetensors(art, file, names, device)
     return [tensors[name] for name in names]
 
 

@@ -211,6 +211,8 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     async def health() -> JSONResponse:
         if not engine.is_alive:
             return _error(503, "the engine loop has stopped", "server_error")
+        if not engine.engine.is_healthy:  # a tensor-parallel rank died or hung
+            return _error(503, "the tensor-parallel group is down; restart", "server_error")
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")

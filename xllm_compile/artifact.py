@@ -39,6 +39,15 @@ TOKENIZER_FILES = (
 )
 
 
+def rank_file(name: str, rank: int) -> str:
+    """Rank `rank`'s copy of a per-rank file: rank 0 keeps the plain name (a single-rank
+    artifact is rank 0 of one), others insert .rank<N>: program.rank1.json."""
+    if rank == 0:
+        return name
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}.rank{rank}{dot}{suffix}"
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

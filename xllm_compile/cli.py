@@ -54,6 +54,12 @@ def _add_compile_args(p: argparse.ArgumentParser) -> None:
         help='graph-cache shape buckets, e.g. "decode=1,2,4,8;prefill=16,64,256;kv=64,256" '
         "(default: powers of two; prefill up to 512 tokens)",
     )
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=CompileConfig.tp,
+        help="tensor-parallel ranks: one program and weights file each (default 1)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "--sign", default=None, dest="sign_key", metavar="KEY", help="sign with this ed25519 key"
@@ -193,6 +199,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         dump_graphs=args.dump_graphs,
         verify=args.verify,
         sign_key=args.sign_key,
+        tp=args.tp,
     )
     out = compile_model(cfg)
     print(f"compiled {args.model} -> {out}")

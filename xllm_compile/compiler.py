@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from xllm_compile import arena_plans, artifact, env, program_format, signing
+from xllm_compile import arena_plans, artifact, env, program_format, signing, tp
 from xllm_compile.backend import check_device
 from xllm_compile.buckets import parse_buckets, step_shapes
 from xllm_compile.config import CompileConfig, ModelConfig
@@ -22,7 +23,7 @@ from xllm_compile.passes.base import PARAM_KINDS
 from xllm_compile.passes.memory_plan import plan_memory
 from xllm_compile.progress import progress
 from xllm_compile.staging import Staging, clean_stale, sibling, write_error
-from xllm_compile.trace import INPUT_NAMES, export_model, verify_inputs
+from xllm_compile.trace import INPUT_NAMES, build_meta_model, export_model, verify_inputs
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +56,75 @@ def compile_model(cfg: CompileConfig) -> Path:
         return _compile_gguf(cfg, model_dir, out_dir)
     hf_config = load_hf_config(model_dir)
     config = model_config_from_hf(hf_config)
+    tp.check_tp(config, cfg.tp)
     max_len = resolve_max_len(config, cfg.max_model_len)
     # a bad --buckets fails before any work
     parse_buckets(cfg.buckets, cfg.max_num_seqs, max_len, cfg.max_num_tokens)
-    with progress(total=2, desc="tracing", unit="step", show=cfg.show_progress) as bar:
-        ep = export_model(config, cfg.torch_dtype, max_len, cfg.max_num_tokens, cfg.max_num_seqs)
-        bar.update(2)
-    weights = _load_weights(model_dir, ep, config, cfg, max_len)
-    pass_log = optimize(ep, weights, config, cfg, pipeline)
+    if cfg.tp > 1:
+        ranks = _compile_ranks(model_dir, config, cfg, max_len, pipeline)
+    else:
+        with progress(total=2, desc="tracing", unit="step", show=cfg.show_progress) as bar:
+            ep = export_model(
+                config, cfg.torch_dtype, max_len, cfg.max_num_tokens, cfg.max_num_seqs
+            )
+            bar.update(2)
+        expected = {n: t.shape for n, t in ep.state_dict.items()}
+        weights = _load_weights(model_dir, expected, config, cfg, max_len)
+        ranks = [RankProgram(ep, weights, optimize(ep, weights, config, cfg, pipeline))]
     with Staging(out_dir) as tmp_dir:  # the old artifact stays at out_dir until the swap
-        _write(tmp_dir, model_dir, ep, weights, config, hf_config, cfg, max_len, pass_log)
+        _write(tmp_dir, model_dir, ranks, config, hf_config, cfg, max_len)
         if key is not None:
             signing.sign(tmp_dir, key)
     return out_dir
+
+
+@dataclasses.dataclass
+class RankProgram:
+    """One rank's optimized program, its weights (program names) and its pass log."""
+
+    ep: torch.export.ExportedProgram
+    weights: dict
+    pass_log: list[dict]
+
+
+def _compile_ranks(model_dir, config: ModelConfig, cfg: CompileConfig, max_len, pipeline):
+    """--tp N: the full checkpoint is read once, then each rank's local model is traced with
+    row-parallel all-reduces (tp.apply_tp), given its slice of the weights (tp.shard_weights)
+    and optimized like a single-rank program. The passes check numbers on a one-rank gloo
+    group (an all-reduce over one rank is the identity: each graph is compared with itself)."""
+    full = build_meta_model(config, cfg.torch_dtype, max_len).state_dict()
+    weights = _load_weights(model_dir, {n: t.shape for n, t in full.items()}, config, cfg, max_len)
+    local = tp.local_config(config, cfg.tp)
+    ranks = []
+    with one_rank_group() as group:
+        for rank in range(cfg.tp):
+            ep = export_model(
+                local, cfg.torch_dtype, max_len, cfg.max_num_tokens, cfg.max_num_seqs, tp.apply_tp
+            )
+            program_format.bind_group(ep.graph_module, group)
+            shard = tp.shard_weights(weights, config, cfg.tp, rank)
+            pass_log = optimize(ep, shard, local, cfg, pipeline)
+            program_format.bind_group(ep.graph_module, tp.GROUP)  # the saved placeholder
+            ranks.append(RankProgram(ep, shard, pass_log))
+    return ranks
+
+
+@contextlib.contextmanager
+def one_rank_group():
+    """A gloo process group of this process alone, for running TP programs at compile time;
+    yields its name."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise ConfigError("--tp compiles run in one process; run xllm-compile without torchrun")
+        yield dist.group.WORLD.group_name
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD.group_name
+    finally:
+        dist.destroy_process_group()
 
 
 def _compile_gguf(cfg: CompileConfig, gguf_path: Path, out_dir: Path) -> Path:
@@ -98,9 +155,11 @@ def _check_out_dir(out_dir: Path) -> None:
         )
 
 
-def _load_weights(model_dir, ep, config: ModelConfig, cfg: CompileConfig, max_len: int) -> dict:
+def _load_weights(model_dir, expected: dict, config: ModelConfig, cfg: CompileConfig, max_len):
+    """The checkpoint's tensors of the shapes `expected` (name -> shape), in the compile dtype,
+    plus the computed rotary tables."""
     computed = {f"model.rotary_emb.{k}": v for k, v in rotary_tables(config, max_len).items()}
-    expected = {n: t.shape for n, t in ep.state_dict.items() if n not in computed}
+    expected = {n: shape for n, shape in expected.items() if n not in computed}
     optional = frozenset({"lm_head.weight"} if config.tie_word_embeddings else ())
     weights = stream_weights(
         model_dir, expected, cfg.torch_dtype, optional, show_progress=cfg.show_progress
@@ -192,23 +251,31 @@ def step_inputs_meta(tokens: int, seqs: int, logits: int) -> list[torch.Tensor]:
     return [torch.empty(n, dtype=torch.int64, device="meta") for n in sizes]
 
 
-def _write(tmp_dir, model_dir, ep, weights, config, hf_config, cfg, max_len, pass_log) -> None:
-    """Every file of the artifact into `tmp_dir` (kill checkpoints after each, for tests)."""
-    (tmp_dir / artifact.PROGRAM).write_bytes(program_format.dumps(ep))
-    constants = program_format.tensor_constants(ep)
-    if constants:
-        save_safetensors(constants, tmp_dir / program_format.CONSTANTS_FILE)
-    env.kill_at("program")
-    params = [spec.target for spec in ep.graph_signature.input_specs if spec.target in weights]
-    weights_file = tmp_dir / artifact.WEIGHTS
-    save_safetensors({name: weights[name].contiguous() for name in params}, weights_file)
-    env.kill_at("weights")
+def _write(tmp_dir, model_dir, ranks: list[RankProgram], config, hf_config, cfg, max_len):
+    """Every file of the artifact into `tmp_dir` (kill checkpoints after each, for tests): per
+    rank a program and a weights file (rank 0 under the plain names), then the shared files."""
+    files = []
+    for rank, r in enumerate(ranks):
+        program = artifact.rank_file(artifact.PROGRAM, rank)
+        weights_name = artifact.rank_file(artifact.WEIGHTS, rank)
+        (tmp_dir / program).write_bytes(program_format.dumps(r.ep))
+        constants = program_format.tensor_constants(r.ep)
+        if constants:
+            constants_name = artifact.rank_file(program_format.CONSTANTS_FILE, rank)
+            save_safetensors(constants, tmp_dir / constants_name)
+        env.kill_at("program")
+        params = [s.target for s in r.ep.graph_signature.input_specs if s.target in r.weights]
+        save_safetensors({n: r.weights[n].contiguous() for n in params}, tmp_dir / weights_name)
+        env.kill_at("weights")
+        files.append({"program": program, "weights": weights_name, "params": params})
     tokenizer_files = artifact.copy_tokenizer(model_dir, tmp_dir)
     env.kill_at("tokenizer")
     buckets = parse_buckets(cfg.buckets, cfg.max_num_seqs, max_len, cfg.max_num_tokens)
-    # what the runtime will run: serialization reorders nodes and plans follow node order
-    saved = program_format.loads((tmp_dir / artifact.PROGRAM).read_bytes(), constants)
-    plans = bucket_plans(saved, weights, config, cfg, buckets)
+    ep, weights, plans = ranks[0].ep, ranks[0].weights, []
+    if cfg.tp == 1:  # arena plans do not yet cover programs with collectives
+        # what the runtime will run: serialization reorders nodes and plans follow node order
+        saved = program_format.loads((tmp_dir / artifact.PROGRAM).read_bytes(), constants)
+        plans = bucket_plans(saved, weights, config, cfg, buckets)
     if plans:
         (tmp_dir / arena_plans.FILE).write_text(arena_plans.dumps(plans, saved.graph_module.graph))
     env.kill_at("arena_plans")
@@ -220,7 +287,7 @@ def _write(tmp_dir, model_dir, ep, weights, config, hf_config, cfg, max_len, pas
                 "architecture": config.architecture,
                 "config": config.to_dict(),
                 "hf_config": hf_config,
-                "num_parameters": sum(w.numel() for n, w in weights.items() if "rotary" not in n),
+                "num_parameters": _num_parameters(config, ranks),
             },
             "dtype": cfg.dtype,
             "device": cfg.device,
@@ -229,14 +296,31 @@ def _write(tmp_dir, model_dir, ep, weights, config, hf_config, cfg, max_len, pas
                 "max_num_tokens": cfg.max_num_tokens,
                 "max_num_seqs": cfg.max_num_seqs,
             },
-            "program": {"file": artifact.PROGRAM, "inputs": list(INPUT_NAMES), "params": params},
+            "program": {"file": artifact.PROGRAM, "inputs": list(INPUT_NAMES), **files[0]},
+            "tp": _tp_entry(config, cfg.tp, files) if cfg.tp > 1 else None,
             "tokenizer": {"files": tokenizer_files}
             if "tokenizer.json" in tokenizer_files
             else None,
-            "passes": pass_log,
-            "memory_plan": memory_plans(ep, weights, config, cfg, max_len),
+            "passes": ranks[0].pass_log,
+            "memory_plan": memory_plans(ep, weights, config, cfg, max_len) if cfg.tp == 1 else None,
             "buckets": buckets,
             "arena_plans": {"file": arena_plans.FILE, "plans": len(plans)} if plans else None,
         },
     )
     env.kill_at("manifest")
+
+
+def _tp_entry(config: ModelConfig, size: int, files: list[dict]) -> dict:
+    local = tp.local_config(config, size)
+    shares = ("num_heads", "num_kv_heads", "intermediate_size")
+    return {"size": size, "local": {k: getattr(local, k) for k in shares}, "ranks": files}
+
+
+def _num_parameters(config: ModelConfig, ranks: list[RankProgram]) -> int:
+    """The full model's parameter count (rank 0's, plus the other ranks' slices of the
+    sharded ones; the rotary tables are not parameters)."""
+    first = ranks[0].weights
+    total = sum(w.numel() for n, w in first.items() if "rotary" not in n)
+    for r in ranks[1:]:
+        total += sum(w.numel() for n, w in r.weights.items() if w is not first.get(n))
+    return total

@@ -230,6 +230,7 @@ class CompileConfig:
     dump_graphs: str | None = None  # folder for NN_<pass>.py graph dumps
     verify: bool = True  # check each pass's numbers against the graph before it
     sign_key: str | None = None  # an ed25519 private key: sign the manifest (signing.py)
+    tp: int = 1  # tensor-parallel ranks (tp.py): one program and weights file per rank
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

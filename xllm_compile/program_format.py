@@ -195,3 +195,26 @@ def _placeholders(doc: dict, serde) -> dict[str, torch.Tensor]:
         name = body["parameter_name" if kind == "parameter" else "buffer_name"]
         out[name] = torch.nn.Parameter(t, requires_grad=False) if kind == "parameter" else t
     return out
+
+
+def bind_group(gm: torch.fx.GraphModule, group_name: str) -> int:
+    """Point every functional collective in `gm` at the process group `group_name` (the name
+    traced or saved is a placeholder: c10d names groups per process). Returns how many."""
+    count = 0
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        if target.namespace != "_c10d_functional":
+            continue
+        names = [a.name for a in target._schema.arguments]
+        if "group_name" in names:
+            i = names.index("group_name")
+            if i < len(node.args):
+                node.args = (*node.args[:i], group_name, *node.args[i + 1 :])
+            else:
+                node.kwargs = {**node.kwargs, "group_name": group_name}
+            count += 1
+    if count:
+        gm.recompile()
+    return count

@@ -8,6 +8,8 @@ The program is never passed through `run_decompositions`: that would functionali
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.export import Dim, ExportedProgram
 
@@ -96,10 +98,18 @@ def dynamic_shapes(max_num_tokens: int, max_num_seqs: int, max_len: int) -> tupl
 
 
 def export_model(
-    config: ModelConfig, dtype: torch.dtype, max_len: int, max_num_tokens: int, max_num_seqs: int
+    config: ModelConfig,
+    dtype: torch.dtype,
+    max_len: int,
+    max_num_tokens: int,
+    max_num_seqs: int,
+    transform: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
 ) -> ExportedProgram:
-    """Export the family's CausalLM; returns a program whose parameters are meta tensors."""
+    """Export the family's CausalLM; returns a program whose parameters are meta tensors.
+    `transform` changes the built model first, from outside (tp.apply_tp)."""
     model = build_meta_model(config, dtype, max_len)
+    if transform is not None:
+        model = transform(model)
     with torch.no_grad():
         ep = torch.export.export(
             model,
