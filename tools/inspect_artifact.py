@@ -48,6 +48,18 @@ def inspect_artifact(path: str, as_json: bool = False) -> str:
     for name, sizes in (m.get("buckets") or {}).items():
         model_rows.append((f"buckets {name}", ",".join(map(str, sizes))))
     model_rows.append(("tokenizer", "yes" if m.get("tokenizer") else "no"))
+    tp_info = m.get("tp") or {"size": 1}
+    model_rows.append(("tensor parallel", f"{tp_info['size']} rank(s)"))
+    for rank, entry in enumerate(tp_info.get("ranks", [])):
+        model_rows.append((f"rank {rank}", f"{entry['program']} + {entry['weights']}"))
+    if tp_info.get("local"):
+        local = tp_info["local"]
+        model_rows.append(
+            (
+                "per rank: heads / kv heads / intermediate",
+                f"{local['num_heads']} / {local['num_kv_heads']} / {local['intermediate_size']}",
+            )
+        )
     model_rows += [(k, v) for k, v in m["versions"].items()]
     model_rows += [("format", str(m["format_version"])), ("created", m.get("created", "?"))]
     signed_by = signer(Path(path))  # claimed, not verified: `--trust` verifies

@@ -100,9 +100,14 @@ def _add_pass_args(p: argparse.ArgumentParser) -> None:
 
 def _list_passes() -> str:
     from xllm_compile.passes import PIPELINE
+    from xllm_compile.passes.pipeline import OPTIONAL
 
     width = max(len(p.name) for p in PIPELINE)
-    return "\n".join(f"{p.name.ljust(width)}  v{p.VERSION}  {p.description}" for p in PIPELINE)
+    return "\n".join(
+        f"{p.name.ljust(width)}  v{p.VERSION}  {p.description}"
+        + ("  (optional: --passes +NAME)" if p.name in OPTIONAL else "")
+        for p in PIPELINE
+    )
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:

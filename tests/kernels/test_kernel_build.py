@@ -5,6 +5,7 @@ and uses them from a fresh virtual environment."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -56,6 +57,11 @@ def wheel_venv(tmp_path_factory):
     """The project built as a wheel and installed (no -e) into a fresh venv that reuses this
     environment's packages (torch) but not its xllm_compile."""
     root = tmp_path_factory.mktemp("wheel")
+    source = shutil.copytree(  # setuptools builds in-tree: keep the checkout clean
+        ROOT,
+        root / "src",
+        ignore=shutil.ignore_patterns(".git", "build", "artifacts", "*.egg-info", "__pycache__"),
+    )
     subprocess.run(
         [
             sys.executable,
@@ -67,7 +73,7 @@ def wheel_venv(tmp_path_factory):
             "-q",
             "-w",
             str(root / "dist"),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         timeout=600,

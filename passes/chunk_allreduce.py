@@ -1,0 +1,92 @@
+"""chunk_allreduce: a row-parallel matmul and its all-reduce split into k token chunks, so that
+chunk i's all-reduce runs (gloo: on its own thread; NCCL: on its stream) while chunk i+1's
+matmul computes.
+
+Before:  y = linear(x, W); r = all_reduce(y, "sum", g); out = wait_tensor(r)
+After:   c = (T + k - 1) // k                        # T = x.shape[0], symbolic
+         y_i = linear(x[i*c : (i+1)*c], W)           # i = 0..k-1
+         w_i = wait_tensor(all_reduce(y_i, "sum", g))
+         out = cat([w_0, ..., w_k-1])
+         (schedule_collectives then issues r_i at once and waits after the later chunks)
+
+Applies only to tensor-parallel programs (there is no collective otherwise). The program is one
+for every step size: at decode sizes a chunk can be empty (T=1, k=2) and its collective is pure
+overhead, so the pass is off in the default pipeline; `--passes ...,chunk_allreduce` turns it
+on (tools/bench/bench_tp.py measures both). Left alone: a matmul with a bias or another user
+of its result, and an all-reduce with another op than sum.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from xllm_compile.passes.base import Pass, PassContext, PassStats
+from xllm_compile.passes.match import aten, call, is_call, only_user
+
+c10d = torch.ops._c10d_functional
+CHUNKS = 2
+
+
+def matches(wait: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(linear, all_reduce) feeding `wait`, when the pattern holds exactly."""
+    ar = wait.args[0]
+    if not is_call(ar, c10d.all_reduce.default) or ar.args[1] != "sum" or only_user(ar) is not wait:
+        return None
+    linear = ar.args[0]
+    if not is_call(linear, aten.linear.default) or len(linear.args) != 2:
+        return None
+    return (linear, ar) if only_user(linear) is ar else None
+
+
+class ChunkAllReduce(Pass):
+    name = "chunk_allreduce"
+    VERSION = 1
+    description = "row-parallel matmul + all-reduce -> k token chunks, each reduced as it is done"
+
+    def __init__(self, chunks: int = CHUNKS) -> None:
+        self.chunks = chunks
+
+    def applies(self, ctx: PassContext) -> str | None:
+        if not any(is_call(n, c10d.all_reduce.default) for n in ctx.gm.graph.nodes):
+            return "no collectives (not a tensor-parallel program)"
+        return None
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassStats:
+        stats = PassStats(details={"chunks": self.chunks})
+        graph = gm.graph
+        waits = [n for n in graph.nodes if is_call(n, c10d.wait_tensor.default)]
+        for wait in waits:
+            found = matches(wait)
+            if found is None:
+                continue
+            linear, ar = found
+            x, weight = linear.args
+            with graph.inserting_before(linear):
+                size = call(graph, aten.sym_size.int, (x, 0))
+                step = call(
+                    graph,
+                    operator.floordiv,
+                    (call(graph, operator.add, (size, self.chunks - 1)), self.chunks),
+                )
+                done = []
+                for i in range(self.chunks):
+                    start = call(graph, operator.mul, (step, i)) if i else 0
+                    end = call(graph, operator.mul, (step, i + 1))
+                    part = call(graph, aten.slice.Tensor, (x, 0, start, end), like=linear)
+                    y = call(graph, aten.linear.default, (part, weight), like=linear)
+                    r = call(graph, c10d.all_reduce.default, (y, "sum", ar.args[2]))
+                    # waited at once here; schedule_collectives moves each wait past the
+                    # next chunks' matmuls (that is where the overlap comes from)
+                    done.append(call(graph, c10d.wait_tensor.default, (r,)))
+            with graph.inserting_before(wait):
+                joined = call(graph, aten.cat.default, (done, 0), like=wait)
+            wait.replace_all_uses_with(joined)
+            for node in (wait, ar, linear):
+                graph.erase_node(node)
+            stats.matches += 1
+            stats.count("linear + all_reduce -> chunks")
+        stats.details["collectives_added"] = stats.matches * (self.chunks - 1)
+        return stats

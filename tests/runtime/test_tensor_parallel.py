@@ -1,0 +1,179 @@
+"""Tensor parallelism on the CPU: TP=2 artifacts of every family (real gloo process groups, a
+real worker process per extra rank) against TP=1, the CLI and the server over them, and the
+faults: a bad --tp, a killed or hung worker, and no orphan process after rank 0 goes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from xllm_compile.artifact import MANIFEST
+from xllm_compile.runtime import load
+from xllm_compile.runtime.server import HTTPServer, ServerConfig
+
+from conftest import FAMILIES, compile_cli
+from helpers import assert_one_line_error, prefill_then_decode, rel_err, run_cli
+
+PROMPTS = [[1, 17, 93, 250, 4, 61, 77, 300, 12, 45], [5, 6, 7], [300, 2, 9, 9, 31]]
+
+
+# the communication passes: the default (schedule_collectives), chunked matmul + all-reduce
+# scheduled, and chunked without the scheduler
+VARIANTS = {
+    "default": (),
+    "chunked": ("--passes", "+chunk_allreduce"),
+    "chunked-unscheduled": (
+        "--passes",
+        "+chunk_allreduce",
+        "--disable-pass",
+        "schedule_collectives",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def tp_artifacts(family_models, tmp_path_factory):
+    """(family, variant) -> (TP=1 artifact, TP=2 artifact)."""
+    cache = {}
+
+    def get(family: str, variant: str = "default"):
+        if (family, variant) not in cache:
+            _, model_dir, art1 = family_models(family)
+            out = tmp_path_factory.mktemp(f"{family}-tp2-{variant}") / "art"
+            art2 = compile_cli(model_dir, out, "--tp", "2", *VARIANTS[variant])
+            cache[family, variant] = (art1, art2)
+        return cache[family, variant]
+
+    return get
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tp2_matches_tp1(family, variant, tp_artifacts):
+    art1, art2 = tp_artifacts(family, variant)
+    manifest = json.loads((art2 / MANIFEST).read_text())
+    assert manifest["tp"]["size"] == 2 and len(manifest["tp"]["ranks"]) == 2
+    log = {p["name"]: p for p in manifest["passes"]}
+    row_parallel = 2 * 2  # o_proj and down_proj in each of the 2 layers
+    if variant.startswith("chunked"):
+        chunked = log["chunk_allreduce"]["stats"]
+        assert chunked["matches"] == row_parallel and chunked["details"]["chunks"] == 2
+    if variant == "chunked":  # every chunk's wait but the last moved past the next matmul
+        assert log["schedule_collectives"]["stats"]["details"]["waits_moved"] == row_parallel
+    assert ("schedule_collectives" in log) == (variant != "chunked-unscheduled")
+    one = load(art1)
+    with load(art2) as two:
+        want = one.generate(PROMPTS, max_tokens=32, ignore_eos=True)
+        got = two.generate(PROMPTS, max_tokens=32, ignore_eos=True)
+        assert [c.token_ids for c in got] == [c.token_ids for c in want]
+        ref = prefill_then_decode(one, PROMPTS[0], want[0].token_ids[:6])
+        assert rel_err(prefill_then_decode(two, PROMPTS[0], want[0].token_ids[:6]), ref) < 1e-4
+        procs = two.executor.tp_group.procs
+    assert all(p.poll() is not None for p in procs)  # close() stopped the worker
+
+
+def test_bad_tp_is_one_line(family_models, tmp_path):
+    _, model_dir, _ = family_models("llama3")
+    proc = run_cli("compile", str(model_dir), "--out", str(tmp_path / "a"), "--tp", "3")
+    assert_one_line_error(proc, "--tp 3", "num_attention_heads=4")
+
+
+def test_cli_generate_and_inspect(tp_artifacts):
+    art1, art2 = tp_artifacts("llama3")
+    args = ("--token-ids", "1,17,93,250", "--max-tokens", "8")
+    one, two = run_cli("generate", str(art1), *args), run_cli("generate", str(art2), *args)
+    assert two.returncode == 0 and two.stdout == one.stdout, two.stderr
+    shown = run_cli("inspect", str(art2)).stdout
+    assert "2 rank(s)" in shown and "program.rank1.json" in shown
+
+
+def test_a_killed_worker_fails_requests_clearly(tp_artifacts):
+    _, art2 = tp_artifacts("llama3")
+    with load(art2, tp_timeout_s=5) as engine:
+        engine.executor.tp_group.procs[0].kill()
+        engine.executor.tp_group.procs[0].wait()
+        [done] = engine.generate([PROMPTS[0]], max_tokens=4)
+        assert done.finish_reason == "error" and "rank 1 exited" in done.error
+        assert not engine.is_healthy
+
+
+def test_a_hung_worker_is_stopped_by_the_watchdog(tp_artifacts):
+    _, art2 = tp_artifacts("llama3")
+    with load(art2, tp_timeout_s=2) as engine:
+        engine.generate([PROMPTS[1]], max_tokens=2)  # healthy first
+        os.kill(engine.executor.tp_group.procs[0].pid, signal.SIGSTOP)
+        [done] = engine.generate([PROMPTS[0]], max_tokens=4)
+        assert done.finish_reason == "error" and "did not answer within 2 s" in done.error
+        assert not engine.is_healthy
+
+
+def test_no_orphan_after_rank_0_is_killed(tp_artifacts):
+    _, art2 = tp_artifacts("llama3")
+    script = (
+        "import sys, time; from xllm_compile.runtime import load; e = load(sys.argv[1]); "
+        "print(' '.join(str(p.pid) for p in e.executor.tp_group.procs), flush=True); "
+        "time.sleep(600)"
+    )
+    rank0 = subprocess.Popen(
+        [sys.executable, "-c", script, str(art2)], stdout=subprocess.PIPE, text=True
+    )
+    workers = [int(pid) for pid in rank0.stdout.readline().split()]
+    assert workers
+    rank0.kill()
+    rank0.wait()
+    deadline = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{pid}") and _not_zombie(pid) for pid in workers):
+        assert time.monotonic() < deadline, "a worker outlived rank 0"
+        time.sleep(0.1)
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_server_over_a_tp_artifact(tp_artifacts):
+    art1, art2 = tp_artifacts("llama3")
+    want = [c.token_ids for c in load(art1).generate(PROMPTS, max_tokens=12, ignore_eos=True)]
+    srv = HTTPServer(load(art2), ServerConfig(port=0))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not srv.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+        async def run():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as ac:
+                bodies = [
+                    {"prompt": p, "max_tokens": 12, "ignore_eos": True, "temperature": 0}
+                    for p in PROMPTS
+                ]
+                return await asyncio.gather(*(ac.post("/v1/completions", json=b) for b in bodies))
+
+        got = [r.json()["choices"][0]["token_ids"] for r in asyncio.run(run())]
+        assert got == want
+        with httpx.Client(base_url=srv.url) as c:
+            assert c.get("/health").status_code == 200
+            srv.engine.engine.executor.tp_group.procs[0].kill()
+            srv.engine.engine.executor.tp_group.procs[0].wait()
+            r = c.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 2})
+            assert r.status_code == 500 and "rank 1 exited" in r.json()["error"]["message"]
+            assert c.get("/health").status_code == 503
+    finally:
+        srv.stop()
+        thread.join(30)
+        srv.engine.engine.close()
