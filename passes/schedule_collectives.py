@@ -63,6 +63,8 @@ class ScheduleCollectives(Pass):
         moved = sum(1 for w, n in after.items() if n > before.get(w, 0))
         stats = PassStats(matches=moved)
         stats.details = {"waits_moved": moved, "nodes_overlapped": sum(after.values())}
+        stats.count("waits moved", moved)
+        stats.count("nodes overlapped", sum(after.values()))
         return stats
 
     @staticmethod

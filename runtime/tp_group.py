@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from xllm_compile.errors import XllmError
+from xllm_compile.errors import ConfigError, XllmError
 from xllm_compile.runtime.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,28 @@ def replay(cache: KVCache, ops: list[list[int]]) -> None:
             cache.free(a)
 
 
+def torchrun_rank() -> int | None:
+    """This process's rank when torchrun (or any env:// launcher) started it, else None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        return int(os.environ["RANK"])
+    return None
+
+
+def _send_json(value) -> None:
+    """Broadcast a JSON value from rank 0 (as bytes: no pickling between ranks)."""
+    data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+    dist.broadcast(torch.tensor([data.numel()], dtype=torch.int64), 0)
+    dist.broadcast(data, 0)
+
+
+def _receive_json():
+    size = torch.empty(1, dtype=torch.int64)
+    dist.broadcast(size, 0)
+    data = torch.empty(int(size), dtype=torch.uint8)
+    dist.broadcast(data, 0)
+    return json.loads(bytes(data.tolist()).decode())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,18 +127,29 @@ class TPGroup:
 
     def __init__(self, art_path: Path, size: int, worker_options: dict, timeout_s: float):
         self.size, self.timeout_s, self.healthy, self.why = size, timeout_s, True, ""
-        port = free_port()
-        self.procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "xllm_compile.runtime.tp_group"]
-                + [json.dumps([rank, size, port, str(art_path), worker_options])],
-                preexec_fn=_die_with_parent,
-            )
-            for rank in range(1, size)
-        ]
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=size, timeout=LONG
-        )
+        self.procs: list[subprocess.Popen] = []
+        if torchrun_rank() is None:  # start ranks 1..N-1 here
+            port = free_port()
+            self.procs = [
+                subprocess.Popen(
+                    [sys.executable, "-m", "xllm_compile.runtime.tp_group"]
+                    + [json.dumps([rank, size, port, str(art_path), worker_options])],
+                    preexec_fn=_die_with_parent,
+                )
+                for rank in range(1, size)
+            ]
+            init = {"init_method": f"tcp://127.0.0.1:{port}", "rank": 0, "world_size": size}
+            dist.init_process_group("gloo", timeout=LONG, **init)
+        else:  # torchrun started every rank: join its group (env://) and tell the others
+            dist.init_process_group("gloo", timeout=LONG)
+            if dist.get_world_size() != size:
+                world = dist.get_world_size()
+                dist.destroy_process_group()
+                raise ConfigError(
+                    f"{art_path} is a --tp {size} artifact, and torchrun started {world} "
+                    f"processes; use --nnodes x --nproc-per-node = {size}"
+                )
+            _send_json(worker_options)
         self.group_name = dist.group.WORLD.group_name
         self._closed = False
         atexit.register(self.close)
@@ -148,7 +181,12 @@ class TPGroup:
         self.healthy, self.why = False, f"{why}; the tensor-parallel group is down, restart it"
         for p in self.procs:
             if p.poll() is None:
-                p.kill()
+                p.kill()  # rank 0's pending collective fails as their sockets close
+        if not self.procs and dist.is_initialized():  # torchrun: the ranks are not ours to kill
+            try:
+                dist.group.WORLD._get_backend(torch.device("cpu")).abort()
+            except (RuntimeError, AttributeError) as e:
+                log.warning("could not abort the process group: %s", e)
 
     def close(self) -> None:
         """Stop the workers (politely when the group is healthy) and leave the group."""
@@ -214,15 +252,31 @@ def _die_with_parent() -> None:
         pass
 
 
+def serve_torchrun_rank(art: str | Path) -> None:
+    """A rank > 0 that torchrun started (`torchrun ... -m xllm_compile.cli serve ART` runs
+    this on every rank but 0): join the group, take rank 0's options, serve its steps."""
+    dist.init_process_group("gloo", timeout=LONG)
+    options = _receive_json()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    options["threads"] = max(1, (os.cpu_count() or 1) // local)
+    _serve_rank(dist.get_rank(), str(art), options)
+
+
 def _worker_main(rank: int, size: int, port: int, art: str, options: dict) -> None:
-    """Ranks 1..N-1: load this rank's program and weights, then run the steps rank 0 sends
-    until STOP, or until rank 0 goes away (its sockets close, failing the broadcast)."""
+    """Ranks 1..N-1 started by TPGroup: join rank 0's loopback group, then serve its steps."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle
-    torch.set_num_threads(options["threads"])
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, timeout=LONG
     )
+    _serve_rank(rank, art, options)
+
+
+def _serve_rank(rank: int, art: str, options: dict) -> None:
+    """Load this rank's program and weights, then run the steps rank 0 sends until STOP, or
+    until rank 0 goes away (its sockets close, failing the broadcast)."""
     from xllm_compile.runtime.loader import load_rank
+
+    torch.set_num_threads(options["threads"])
 
     gm, params, cache = load_rank(Path(art), rank, dist.group.WORLD.group_name, options)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import shutil
 from pathlib import Path
@@ -98,8 +99,9 @@ def _compile_ranks(model_dir, config: ModelConfig, cfg: CompileConfig, max_len, 
     ranks = []
     with one_rank_group() as group:
         for rank in range(cfg.tp):
+            transform = functools.partial(tp.apply_tp, size=cfg.tp, rank=rank)
             ep = export_model(
-                local, cfg.torch_dtype, max_len, cfg.max_num_tokens, cfg.max_num_seqs, tp.apply_tp
+                local, cfg.torch_dtype, max_len, cfg.max_num_tokens, cfg.max_num_seqs, transform
             )
             program_format.bind_group(ep.graph_module, group)
             shard = tp.shard_weights(weights, config, cfg.tp, rank)
@@ -313,14 +315,28 @@ def _write(tmp_dir, model_dir, ranks: list[RankProgram], config, hf_config, cfg,
 def _tp_entry(config: ModelConfig, size: int, files: list[dict]) -> dict:
     local = tp.local_config(config, size)
     shares = ("num_heads", "num_kv_heads", "intermediate_size")
-    return {"size": size, "local": {k: getattr(local, k) for k in shares}, "ranks": files}
+    head = (
+        "vocab-parallel (each rank its vocabulary rows; logits all-reduced into [N, V])"
+        if tp.vocab_parallel(config, size)
+        else f"replicated (--tp {size} does not divide the vocabulary of {config.vocab_size})"
+    )
+    local_sizes = {k: getattr(local, k) for k in shares}
+    return {"size": size, "local": local_sizes, "lm_head": head, "ranks": files}
 
 
 def _num_parameters(config: ModelConfig, ranks: list[RankProgram]) -> int:
     """The full model's parameter count (rank 0's, plus the other ranks' slices of the
     sharded ones; the rotary tables are not parameters)."""
+
+    def counted(name: str) -> bool:  # a tied model's head slices copy the embedding
+        return "rotary" not in name and not (
+            config.tie_word_embeddings and name == "lm_head.weight"
+        )
+
     first = ranks[0].weights
-    total = sum(w.numel() for n, w in first.items() if "rotary" not in n)
+    total = sum(w.numel() for n, w in first.items() if counted(n))
     for r in ranks[1:]:
-        total += sum(w.numel() for n, w in r.weights.items() if w is not first.get(n))
+        total += sum(
+            w.numel() for n, w in r.weights.items() if counted(n) and w is not first.get(n)
+        )
     return total

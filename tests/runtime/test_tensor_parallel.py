@@ -177,3 +177,38 @@ def test_server_over_a_tp_artifact(tp_artifacts):
         srv.stop()
         thread.join(30)
         srv.engine.engine.close()
+
+
+def torchrun(*args: str, **kw):
+    from xllm_compile.runtime.tp_group import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node"]
+    cmd += ["2", "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    return [*cmd, "-m", "xllm_compile.cli", *args]
+
+
+def test_torchrun_generate_and_serve(tp_artifacts):
+    """Every rank under torchrun runs the same command; rank 0 answers, the other serves steps."""
+    art1, art2 = tp_artifacts("llama3")
+    args = ("--token-ids", "1,17,93,250", "--max-tokens", "8")
+    proc = subprocess.run(
+        torchrun("generate", str(art2), *args), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == run_cli("generate", str(art1), *args).stdout
+    serve = subprocess.Popen(
+        torchrun("serve", str(art2), "--port", "0"), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        line = serve.stdout.readline()
+        url = line.split(" at ")[1].split()[0].removesuffix("/v1")
+        want = load(art1).generate([PROMPTS[0]], max_tokens=6, ignore_eos=True)[0].token_ids
+        body = {"prompt": PROMPTS[0], "max_tokens": 6, "ignore_eos": True, "temperature": 0}
+        with httpx.Client(base_url=url, timeout=120) as c:
+            got = c.post("/v1/completions", json=body).json()["choices"][0]["token_ids"]
+        assert got == want
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=60)
+    finally:
+        if serve.poll() is None:
+            serve.kill()

@@ -59,7 +59,8 @@ def compile_for_bench(
     """Compile `model_dir` quietly into `out` for a benchmark (shared by this folder's scripts)."""
     args = [str(model_dir), "--out", str(out), "--dtype", dtype, "--quiet"]
     args += ["--max-model-len", str(max_len), "--max-num-seqs", str(max_seqs), *extra]
-    compile_main(args)
+    if compile_main(args) != 0:
+        raise SystemExit(f"compiling {model_dir} failed (see above)")
     return out
 
 

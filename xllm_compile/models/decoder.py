@@ -194,6 +194,9 @@ class CausalLM(nn.Module):
         return self.compute_logits(hidden[logits_indices])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.config.tie_word_embeddings:
+        # the head when the model has one (untied; or one put there from outside, as a
+        # vocab-parallel slice of the tied embedding), else the embedding itself
+        head = getattr(self, "lm_head", None)
+        if head is None:
             return F.linear(hidden, self.model.embed_tokens.weight)
-        return self.lm_head(hidden)
+        return head(hidden)
