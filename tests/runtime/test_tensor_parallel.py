@@ -212,3 +212,19 @@ def test_torchrun_generate_and_serve(tp_artifacts):
     finally:
         if serve.poll() is None:
             serve.kill()
+
+
+def test_preemption_under_tp_keeps_every_rank_in_step(tp_artifacts):
+    """An exhausted page pool preempts and recomputes on rank 0; the journal replays every
+    allocate / grow / free on rank 1, so its pages follow and the tokens stay those alone."""
+    import random
+
+    art1, art2 = tp_artifacts("llama3")
+    rng = random.Random(0)
+    prompts = [[1] + [rng.randrange(3, 320) for _ in range(rng.randint(30, 60))] for _ in range(8)]
+    alone = [c.token_ids for c in load(art1).generate(prompts, max_tokens=24, ignore_eos=True)]
+    page = 4096  # 2 layers x K,V x 1 KV head x 16 dims x 4 bytes = 256 B a token: 16 a page
+    with load(art2, kv_memory=24 * page, kv_page_size=page) as engine:
+        together = engine.generate(prompts, max_tokens=24, ignore_eos=True)
+        assert [c.token_ids for c in together] == alone
+        assert engine.scheduler.num_preemptions > 0  # the pool really ran out
