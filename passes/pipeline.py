@@ -51,7 +51,10 @@ def build_pipeline(passes: Iterable[str] | None = None, disable: Iterable[str] =
     passes = None if passes is None else list(passes)
     extra = {p[1:] for p in passes or () if p.startswith("+")}
     named = {p for p in passes or () if not p.startswith("+")}
-    wanted = (set(pass_names()) if passes is None or not named else named) | extra
+    if passes is None or (extra and not named):
+        wanted = set(pass_names()) | extra  # the defaults (plus any "+name")
+    else:
+        wanted = named | extra  # exactly these; () ("none"): no pass
     disabled = set(disable)
     unknown = sorted((wanted | disabled) - set(pass_names(optional=True)))
     if unknown:
