@@ -43,6 +43,7 @@ RUN, STOP = 1, 2
 HEADER = 9  # command, journal ops, then the lengths of the 7 index inputs
 ALLOCATE, GROW, FREE = 1, 2, 3
 LONG = datetime.timedelta(days=30)  # collectives never time out by themselves: the watchdog does
+STARTUP = datetime.timedelta(seconds=120)  # but the ranks must meet within this
 
 
 class TPGroupError(XllmError):
@@ -101,6 +102,13 @@ def torchrun_rank() -> int | None:
     return None
 
 
+def _init_group(**kw) -> None:
+    """Join the gloo group: the ranks must meet within STARTUP; after that no collective times
+    out by itself (an idle worker waits for rank 0's next step as long as it takes)."""
+    dist.init_process_group("gloo", timeout=STARTUP, **kw)
+    dist.distributed_c10d._set_pg_timeout(LONG)
+
+
 def _send_json(value) -> None:
     """Broadcast a JSON value from rank 0 (as bytes: no pickling between ranks)."""
     data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
@@ -138,10 +146,14 @@ class TPGroup:
                 )
                 for rank in range(1, size)
             ]
-            init = {"init_method": f"tcp://127.0.0.1:{port}", "rank": 0, "world_size": size}
-            dist.init_process_group("gloo", timeout=LONG, **init)
+            try:
+                _init_group(init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=size)
+            except RuntimeError as e:  # a worker never arrived (it died while starting)
+                codes = [p.poll() for p in self.procs]
+                self.fail(f"the tensor-parallel ranks did not start (exit codes {codes}: {e})")
+                raise TPGroupError(self.why) from None
         else:  # torchrun started every rank: join its group (env://) and tell the others
-            dist.init_process_group("gloo", timeout=LONG)
+            _init_group()
             if dist.get_world_size() != size:
                 world = dist.get_world_size()
                 dist.destroy_process_group()
@@ -255,7 +267,7 @@ def _die_with_parent() -> None:
 def serve_torchrun_rank(art: str | Path) -> None:
     """A rank > 0 that torchrun started (`torchrun ... -m xllm_compile.cli serve ART` runs
     this on every rank but 0): join the group, take rank 0's options, serve its steps."""
-    dist.init_process_group("gloo", timeout=LONG)
+    _init_group()
     options = _receive_json()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     options["threads"] = max(1, (os.cpu_count() or 1) // local)
@@ -265,9 +277,7 @@ def serve_torchrun_rank(art: str | Path) -> None:
 def _worker_main(rank: int, size: int, port: int, art: str, options: dict) -> None:
     """Ranks 1..N-1 started by TPGroup: join rank 0's loopback group, then serve its steps."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, timeout=LONG
-    )
+    _init_group(init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     _serve_rank(rank, art, options)
 
 
