@@ -45,7 +45,6 @@ class Executor:
             logits = self._run(rows, kv_cache, all_logits)
         else:  # the same step on every rank, bounded by the group's watchdog
             with self.tp_group.watch():
-                self.tp_group.step(rows, self.kv_journal.take_journal())
                 logits = self._run(rows, kv_cache, all_logits)
         for seq in seqs:
             seq.num_cached = seq.num_tokens
@@ -54,11 +53,27 @@ class Executor:
     def _run(self, rows: list[list[int]], kv_cache: torch.Tensor, all_logits: bool):
         logits = None
         if self.graph_cache is not None and not all_logits:
-            logits = self.graph_cache.run(rows, kv_cache)
+            logits = self.graph_cache.run(rows, kv_cache)  # tensor parallel: via _send_padded
         if logits is None:
+            if self.tp_group is not None:
+                flat = [x for row in rows for x in row]
+                self._send_padded(flat, [len(r) for r in rows], 0)
             inputs = [torch.tensor(r, dtype=torch.int64, device=self.device) for r in rows]
             (logits,) = self.graph_module(*self.params, *inputs, kv_cache)
         return logits
+
+    def attach_tp(self, group, journal) -> None:
+        """Broadcast every step (bucketed or not) to the group's other ranks, with the KV
+        journal of rank 0's cache (runtime/tp_group.py)."""
+        self.tp_group, self.kv_journal = group, journal
+
+    def attach_graph_cache(self, cache) -> None:
+        self.graph_cache = cache
+        if self.tp_group is not None:
+            cache.before_run = self._send_padded
+
+    def _send_padded(self, flat, sizes: list[int], kv_len: int) -> None:
+        self.tp_group.step(flat, sizes, kv_len, self.kv_journal.take_journal())
 
     @property
     def is_healthy(self) -> bool:

@@ -87,6 +87,7 @@ class GraphCacheStats:
     compile_cache_hits: int = 0  # Inductor graphs loaded from the on-disk cache
     compile_cache_misses: int = 0  # Inductor graphs compiled from scratch
     arena_programs: int = 0  # entries built over the activation arena (the rest allocate)
+    unbucketed: int = 0  # steps no bucket held (the executor ran them on the plain program)
 
 
 @dataclass
@@ -153,6 +154,8 @@ class GraphCache:
         self.prefill_batch_buckets = prefill_batch_buckets(self.batch_buckets, max_num_seqs)
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.pad_slot = kv_cache.allocate(1)  # scratch slot for padding rows, held for good
+        # called with (padded int64 inputs, their 7 lengths, kv length) before each bucketed run
+        self.before_run = None
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self.stats = GraphCacheStats()
         self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
@@ -201,9 +204,13 @@ class GraphCache:
         else:
             key = self.prefill_key_for(num_tokens, batch, max(rows[5]))
         if key is None:
+            self.stats.unbucketed += 1
             return None
         entry = self._entry(key, kv_tensor)
-        entry.buffer.copy_(self._pad(rows, key), non_blocking=True)
+        padded = self._pad(rows, key)
+        if self.before_run is not None:  # tensor parallel: the other ranks run the same inputs
+            self.before_run(padded, self._sizes(key), key[-1])
+        entry.buffer.copy_(padded, non_blocking=True)
         entry.uses += 1
         if entry.graph is not None:
             entry.graph.replay()
@@ -390,7 +397,7 @@ def attach_graph_cache(
         ex.device,
         **{"max_num_tokens": engine.max_num_tokens, **kwargs},
     )
-    ex.graph_cache = cache
+    ex.attach_graph_cache(cache)
     if warmup:
         cache.warmup(engine.kv_cache.tensor)
     return cache

@@ -72,10 +72,10 @@ def load(
     device = device or m["device"]
     check_device(device)
     tp_size = (m.get("tp") or {}).get("size", 1)
-    if tp_size > 1 and (graph_cache or device != "cpu"):
+    if tp_size > 1 and (graph_cache not in (False, True, "eager") or device != "cpu"):
         raise ConfigError(
-            f"{art.path} is a --tp {tp_size} artifact: it runs on cpu (gloo) without the graph "
-            "cache for now"
+            f"{art.path} is a --tp {tp_size} artifact: it runs on cpu (gloo), with the eager "
+            "graph cache or none, for now"
         )
     graph_module = _load_program(art)
     params = _load_params(art, m["program"]["params"], device)
@@ -165,8 +165,9 @@ def _start_tp(art, executor, cache, geometry, kv_kind, size: int, timeout_s: flo
     }
     group = TPGroup(art.path, size, options, timeout_s)
     program_format.bind_group(executor.graph_module, group.group_name)
-    executor.tp_group, executor.kv_journal = group, JournaledKVCache(cache)
-    return executor.kv_journal
+    journal = JournaledKVCache(cache)
+    executor.attach_tp(group, journal)
+    return journal
 
 
 def load_rank(path: Path, rank: int, group_name: str, options: dict):

@@ -40,7 +40,7 @@ from xllm_compile.runtime.kv_cache import KVCache
 log = logging.getLogger(__name__)
 
 RUN, STOP = 1, 2
-HEADER = 9  # command, journal ops, then the lengths of the 7 index inputs
+HEADER = 10  # command, journal ops, kv length (0: all), then the lengths of the 7 index inputs
 ALLOCATE, GROW, FREE = 1, 2, 3
 LONG = datetime.timedelta(days=30)  # collectives never time out by themselves: the watchdog does
 STARTUP = datetime.timedelta(seconds=120)  # but the ranks must meet within this
@@ -166,13 +166,16 @@ class TPGroup:
         self._closed = False
         atexit.register(self.close)
 
-    def step(self, rows: list[list[int]], journal: list[tuple[int, int, int]]) -> None:
-        """Send one step to the workers (before rank 0 runs its own program)."""
+    def step(self, inputs, sizes: list[int], kv_len: int, journal: list) -> None:
+        """Send one step to the workers before rank 0 runs its own program: `inputs`, the seven
+        index inputs flat (a list, or the graph cache's padded tensor), their `sizes`, the kv
+        length of a graph-cache bucket (0: the whole cache) and the KV journal."""
         self.check()
-        flat = [x for op in journal for x in op] + [x for row in rows for x in row]
-        header = torch.tensor([RUN, len(journal), *(len(r) for r in rows)], dtype=torch.int64)
+        ops = torch.tensor([x for op in journal for x in op], dtype=torch.int64)
+        body = torch.cat([ops, torch.as_tensor(inputs, dtype=torch.int64)])
+        header = torch.tensor([RUN, len(journal), kv_len, *sizes], dtype=torch.int64)
         dist.broadcast(header, 0)
-        dist.broadcast(torch.tensor(flat, dtype=torch.int64), 0)
+        dist.broadcast(body, 0)
 
     def watch(self) -> _Watchdog:
         """Bound one step: past `timeout_s` the workers are stopped, which fails the step."""
@@ -301,20 +304,18 @@ def _serve_steps(gm, params, cache: KVCache) -> None:
     header = torch.empty(HEADER, dtype=torch.int64)
     while True:
         dist.broadcast(header, 0)
-        command, num_ops, *lens = header.tolist()
+        command, num_ops, kv_len, *lens = header.tolist()
         if command == STOP:
             return
         body = torch.empty(3 * num_ops + sum(lens), dtype=torch.int64)
         dist.broadcast(body, 0)
-        flat = body.tolist()
-        replay(cache, [flat[i : i + 3] for i in range(0, 3 * num_ops, 3)])
-        inputs, at = [], 3 * num_ops
-        for n in lens:
-            inputs.append(body[at : at + n])
-            at += n
+        ops = body[: 3 * num_ops].tolist()
+        replay(cache, [ops[i : i + 3] for i in range(0, 3 * num_ops, 3)])
+        inputs = list(body[3 * num_ops :].split(lens))
+        kv = cache.tensor if kv_len == 0 else cache.tensor[:, :, :, :kv_len]  # a bucket's view
         try:
             with torch.inference_mode():
-                gm(*params, *inputs, cache.tensor)
+                gm(*params, *inputs, kv)
         except Exception as e:  # the same inputs fail rank 0 too, before any collective
             log.warning("a step failed on this rank: %s: %s", type(e).__name__, e)
 

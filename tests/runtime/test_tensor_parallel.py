@@ -228,3 +228,16 @@ def test_preemption_under_tp_keeps_every_rank_in_step(tp_artifacts):
         together = engine.generate(prompts, max_tokens=24, ignore_eos=True)
         assert [c.token_ids for c in together] == alone
         assert engine.scheduler.num_preemptions > 0  # the pool really ran out
+
+
+def test_graph_cache_under_tp(tp_artifacts):
+    """The eager graph cache pads each step to its bucket on rank 0 and every rank runs the
+    same padded inputs on the same kv-length view of its cache."""
+    art1, art2 = tp_artifacts("llama3")
+    want = [c.token_ids for c in load(art1).generate(PROMPTS, max_tokens=16, ignore_eos=True)]
+    with load(art2, graph_cache=True, warmup=True) as engine:
+        got = engine.generate(PROMPTS, max_tokens=16, ignore_eos=True)
+        assert [c.token_ids for c in got] == want
+        stats = engine.graph_cache_stats
+        assert stats.hits >= 15 and stats.builds > 0  # the decode steps ran bucketed
+        assert stats.unbucketed >= 1  # the prefill (eager: no prefill buckets) ran unbucketed
