@@ -15,6 +15,7 @@ from xllm_compile import arena_plans, artifact, program_format, signing
 from xllm_compile.backend import check_device
 from xllm_compile.config import DTYPES, ModelConfig
 from xllm_compile.errors import ArtifactError, ConfigError, XllmError
+from xllm_compile.runtime.config import RuntimeConfig
 from xllm_compile.runtime.engine import Engine
 from xllm_compile.runtime.executor import Executor
 from xllm_compile.runtime.kv_cache import ContiguousKVCache, KVCache
@@ -24,47 +25,23 @@ from xllm_compile.runtime.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
-def load(
-    path: str | Path,
-    device: str | None = None,
-    max_num_seqs: int | None = None,
-    verify: bool = True,
-    kv_cache: str | None = None,
-    kv_memory: int | float = 0.5,
-    kv_page_size: int | None = None,
-    graph_cache: bool | str = False,
-    warmup: bool = False,
-    arena: bool | None = None,
-    trust: str | Path | None = None,
-    tp_timeout_s: float = 30.0,
-) -> Engine:
-    """Load an artifact directory into an Engine.
+def load(path: str | Path, config: RuntimeConfig | None = None, **overrides) -> Engine:
+    """Load an artifact directory into an Engine, run as `config` says (RuntimeConfig's
+    fields, or any of them as keyword arguments: `load(ART, graph_cache=True)`).
 
-    Args:
-        path: the artifact directory written by `xllm-compile`.
-        device: run on this device instead of the one compiled for.
-        max_num_seqs: KV-cache slots (concurrent sequences); default: the artifact's limit.
-        verify: check every file's sha256 (size is always checked).
-        kv_cache: "paged" (pages mapped as sequences grow; the default on cpu) or "contiguous"
-            (every slot preallocated at max length; the default elsewhere).
-        kv_memory: the paged cache's budget: bytes, or a fraction of the device's free memory.
-        graph_cache: run decode steps through the multi-graph cache (True: the device's default
-            backend, CUDA graphs on GPU; or "eager" / "inductor" / "cuda_graph").
-        warmup: build every graph-cache bucket now instead of on first use.
-        arena: run the graph cache's bucket programs over one activation arena laid out by the
-            artifact's arena plans (None: yes with CUDA graphs, when the artifact has plans).
-        trust: a file of trusted ed25519 public keys: refuse the artifact unless its manifest
-            is signed by one of them (signing.py); None: integrity checks only.
-        tp_timeout_s: a tensor-parallel artifact: how long a step may wait on the other
-            ranks before the group is declared down (runtime/tp_group.py).
-        kv_page_size: bytes per KV page (a multiple of the OS / driver granularity); default:
-            16 tokens of every layer's K and V, rounded up to that granularity.
     Raises:
         ArtifactError: the artifact is missing, corrupt, tampered with or from another version.
-        ConfigError: a bad kv_cache choice, a budget below one max-length sequence, or an arena
-            asked for where none can be used (no graph cache, Inductor, no usable plans).
+        ConfigError: a bad choice, a budget below one max-length sequence, or an arena asked
+            for where none can be used (no graph cache, Inductor, no usable plans).
         BackendUnavailableError: the device (or its page mapping) is not available here.
     """
+    try:
+        c = dataclasses.replace(config or RuntimeConfig(), **overrides)
+    except TypeError as e:  # an unknown keyword
+        raise ConfigError(f"load(): {e}") from None
+    device, max_num_seqs, verify = c.device, c.max_num_seqs, c.verify
+    kv_cache, kv_memory, kv_page_size = c.kv_cache, c.kv_memory, c.kv_page_size
+    graph_cache, warmup, arena, trust = c.graph_cache, c.warmup, c.arena, c.trust
     if trust is not None:
         signing.verify(Path(path), signing.read_trusted(Path(trust)))
     art = artifact.open_artifact(path, verify=verify)
@@ -95,7 +72,7 @@ def load(
     cache = _make_kv_cache(kv_cache, geometry, device, kv_memory, kv_page_size)
     executor = Executor(graph_module, params, device)
     if tp_size > 1:
-        cache = _start_tp(art, executor, cache, geometry, kv_cache, tp_size, tp_timeout_s)
+        cache = _start_tp(art, executor, cache, geometry, kv_cache, tp_size, c.tp_timeout_s)
     tokenizer = None
     if m.get("tokenizer"):  # the tokenizer files the manifest lists and hashes, no others
         files = [f for f in m["tokenizer"].get("files", []) if art.has(f)]
@@ -112,7 +89,7 @@ def load(
     if graph_cache:
         from xllm_compile.runtime.graph_cache import attach_graph_cache
 
-        backend = None if graph_cache is True else graph_cache
+        backend = c.graph_backend
         if backend == "cuda_graph" and not device.startswith("cuda"):
             raise ConfigError(
                 f"graph cache 'cuda_graph' needs a CUDA device, and this runs on {device}: "

@@ -111,6 +111,8 @@ def _list_passes() -> str:
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    from xllm_compile.runtime.config import RuntimeConfig  # the flags' defaults
+
     p.add_argument("--device", default=None, choices=list(DEVICES))
     p.add_argument(
         "--kv-cache",
@@ -123,7 +125,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
         "--kv-memory",
         "--max-memory-utilization",
         type=float,
-        default=0.5,
+        default=RuntimeConfig.kv_memory,
         dest="kv_memory",
         help="paged KV budget: bytes, or a fraction of free memory (default 0.5)",
     )
@@ -147,26 +149,34 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
         metavar="KEYS",
         help="a file of trusted public keys: refuse an artifact not signed by one of them",
     )
+    p.add_argument(
+        "--tp-timeout",
+        type=float,
+        default=RuntimeConfig.tp_timeout_s,
+        dest="tp_timeout_s",
+        help="tensor-parallel artifacts: seconds a step may wait on the other ranks (default 30)",
+    )
 
 
 def _load(args: argparse.Namespace, **extra):
     from xllm_compile.runtime import load
+    from xllm_compile.runtime.config import RuntimeConfig
     from xllm_compile.runtime.tp_group import serve_torchrun_rank, torchrun_rank
 
     if torchrun_rank():  # torchrun's ranks > 0 run rank 0's steps; only rank 0 answers
         serve_torchrun_rank(args.artifact)  # returns only by exiting the process
-
     memory = int(args.kv_memory) if args.kv_memory > 1 else args.kv_memory
-    return load(
-        args.artifact,
+    config = RuntimeConfig(
         device=args.device,
         kv_cache=args.kv_cache,
         kv_memory=memory,
         graph_cache=args.graph_cache or False,
         arena=args.arena,
         trust=args.trust,
+        tp_timeout_s=args.tp_timeout_s,
         **extra,
     )
+    return load(args.artifact, config)
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
