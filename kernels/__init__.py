@@ -6,6 +6,7 @@ no GPU, so their logic is testable on the CPU)."""
 import torch
 
 import xllm_compile.kernels.cuda.attention  # noqa: F401  (CUDA binding of xllm::attention)
+from xllm_compile.kernels.all_reduce_add_rms_norm import all_reduce_add_rms_norm
 from xllm_compile.kernels.attention import attention
 from xllm_compile.kernels.fused_add_rms_norm import fused_add_rms_norm
 from xllm_compile.kernels.linear import linear
@@ -15,6 +16,7 @@ from xllm_compile.kernels.silu_and_mul import silu_and_mul
 from xllm_compile.kernels.store_kv import store_kv
 
 __all__ = [
+    "all_reduce_add_rms_norm",
     "attention",
     "fused_add_rms_norm",
     "linear",

@@ -11,6 +11,7 @@ from xllm_compile.errors import ConfigError
 from xllm_compile.passes.base import Pass
 from xllm_compile.passes.chunk_allreduce import ChunkAllReduce
 from xllm_compile.passes.cleanup import Cleanup
+from xllm_compile.passes.fuse_allreduce_norm import FuseAllReduceNorm
 from xllm_compile.passes.fuse_rms_norm import FuseRMSNorm
 from xllm_compile.passes.fuse_rotary import FuseRotary
 from xllm_compile.passes.fuse_silu_mul import FuseSiluMul
@@ -27,13 +28,14 @@ PIPELINE: tuple[type[Pass], ...] = (
     FuseSiluMul,
     FuseRotary,  # after merge_qkv: pairs q and k by the matmul they come from
     ChunkAllReduce,  # tensor parallel, off by default (OPTIONAL): matmul + all-reduce chunks
+    FuseAllReduceNorm,  # tensor parallel, OPTIONAL: after fuse_rms_norm; unchunked ones only
     ScheduleCollectives,  # after every pass that adds collectives or independent work
     LowerOps,  # last: binds whatever xllm:: ops the passes above emitted (and aten.linear)
 )
 
 
 # In the pipeline's order when asked for (`--passes +chunk_allreduce`), else left out.
-OPTIONAL = frozenset({ChunkAllReduce.name})
+OPTIONAL = frozenset({ChunkAllReduce.name, FuseAllReduceNorm.name})
 
 
 def pass_names(optional: bool = False) -> list[str]:

@@ -198,14 +198,13 @@ def _placeholders(doc: dict, serde) -> dict[str, torch.Tensor]:
 
 
 def bind_group(gm: torch.fx.GraphModule, group_name: str) -> int:
-    """Point every functional collective in `gm` at the process group `group_name` (the name
-    traced or saved is a placeholder: c10d names groups per process). Returns how many."""
+    """Point every op in `gm` that names a process group (functional collectives, and xllm::
+    ops that run one, by their `group_name` argument) at `group_name` (the name traced or saved
+    is a placeholder: c10d names groups per process). Returns how many."""
     count = 0
     for node in gm.graph.nodes:
         target = node.target
         if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
-            continue
-        if target.namespace != "_c10d_functional":
             continue
         names = [a.name for a in target._schema.arguments]
         if "group_name" in names:

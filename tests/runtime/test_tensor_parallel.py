@@ -31,6 +31,7 @@ PROMPTS = [[1, 17, 93, 250, 4, 61, 77, 300, 12, 45], [5, 6, 7], [300, 2, 9, 9, 3
 VARIANTS = {
     "default": (),
     "chunked": ("--passes", "+chunk_allreduce"),
+    "fused-norm": ("--passes", "+fuse_allreduce_norm"),
     "chunked-unscheduled": (
         "--passes",
         "+chunk_allreduce",
@@ -67,6 +68,9 @@ def test_tp2_matches_tp1(family, variant, tp_artifacts):
     if variant.startswith("chunked"):
         chunked = log["chunk_allreduce"]["stats"]
         assert chunked["matches"] == row_parallel and chunked["details"]["chunks"] == 2
+    if variant == "fused-norm":  # every all-reduce feeding a residual add + norm
+        biased = 2 if family == "llama_linear" else 0  # o_proj's bias sits between: left alone
+        assert log["fuse_allreduce_norm"]["stats"]["matches"] == row_parallel - biased
     if variant == "chunked":  # every chunk's wait but the last moved past the next matmul
         assert log["schedule_collectives"]["stats"]["details"]["waits_moved"] == row_parallel
     assert ("schedule_collectives" in log) == (variant != "chunked-unscheduled")
