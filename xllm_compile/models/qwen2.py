@@ -6,8 +6,9 @@ import dataclasses
 from typing import Any
 
 from xllm_compile.config import ModelConfig
+from xllm_compile.hf_config import parse_model_config
 
 
 def from_hf(hf: dict[str, Any]) -> ModelConfig:
-    config = ModelConfig.from_hf(hf, family="qwen2")
+    config = parse_model_config(hf, family="qwen2")
     return dataclasses.replace(config, qkv_bias=True, o_bias=False, mlp_bias=False)

@@ -6,9 +6,10 @@ import dataclasses
 from typing import Any
 
 from xllm_compile.config import ModelConfig
+from xllm_compile.hf_config import parse_model_config
 
 
 def from_hf(hf: dict[str, Any]) -> ModelConfig:
     # transformers Qwen3Attention: q/k/v/o bias follow `attention_bias`; the MLP has none.
-    config = ModelConfig.from_hf(hf, family="qwen3")
+    config = parse_model_config(hf, family="qwen3")
     return dataclasses.replace(config, qk_norm=True, mlp_bias=False)
