@@ -180,7 +180,14 @@ def optimize(ep, weights: dict, config: ModelConfig, cfg: CompileConfig, pipelin
         sample_inputs=verify_inputs(config, cfg.torch_dtype) if cfg.verify else None,
         config=config,
     )
-    manager = PassManager(pipeline, verify=cfg.verify, dump_dir=cfg.dump_graphs)
+    # A tensor-parallel rank program is checked on a one-rank group, where each all-reduce
+    # returns the rank's partial sum: its activations are not the model's, and bf16/fp16
+    # rounding differences between kernels grow on them (SmolLM2 --tp 3 bf16: 6% at lower_ops
+    # against 5% allowed). The TP=N vs TP=1 parity tests check the real math (fp32, 1e-4).
+    scale = 2.0 if cfg.tp > 1 and cfg.torch_dtype != torch.float32 else 1.0
+    manager = PassManager(
+        pipeline, verify=cfg.verify, dump_dir=cfg.dump_graphs, tolerance_scale=scale
+    )
     with progress(total=len(pipeline), desc="passes", unit="pass", show=cfg.show_progress) as bar:
         pass_log = manager.run(ctx)
         bar.update(len(pipeline))
