@@ -3,15 +3,16 @@ chunk i's all-reduce runs (gloo: on its own thread; NCCL: on its stream) while c
 matmul computes.
 
 Before:  y = linear(x, W); r = all_reduce(y, "sum", g); out = wait_tensor(r)
-After:   c = (T + k - 1) // k                        # T = x.shape[0], symbolic
+After:   c = max((T + k - 1) // k, MIN)             # T = x.shape[0], symbolic
          y_i = linear(x[i*c : (i+1)*c], W)           # i = 0..k-1
          w_i = wait_tensor(all_reduce(y_i, "sum", g))
          out = cat([w_0, ..., w_k-1])
          (schedule_collectives then issues r_i at once and waits after the later chunks)
 
 Applies only to tensor-parallel programs (there is no collective otherwise). The program is one
-for every step size: at decode sizes a chunk can be empty (T=1, k=2) and its collective is pure
-overhead, so the pass is off in the default pipeline; `--passes ...,chunk_allreduce` turns it
+for every step size: below k * MIN tokens the first chunk takes every row and the others are
+empty (their collectives are small overhead: the split happens only where it can pay), still a
+cost at decode, so the pass is off in the default pipeline; `--passes ...,chunk_allreduce` turns it
 on (tools/bench/bench_tp.py measures both). Left alone: a matmul with a bias or another user
 of its result, and an all-reduce with another op than sum.
 """
@@ -28,6 +29,10 @@ from xllm_compile.passes.match import aten, call, is_call, only_user
 
 c10d = torch.ops._c10d_functional
 CHUNKS = 2
+# Rows a chunk must have before a step is split: below it chunk 0 takes every row and the other
+# chunks are empty (an empty gloo all-reduce still costs ~65 us against ~265 us for one row of
+# 896, measured here). bench_tp: chunking won at 1024 prefill tokens, lost at 128 and at decode.
+MIN_CHUNK_TOKENS = 256
 
 
 def matches(wait: fx.Node) -> tuple[fx.Node, fx.Node] | None:
@@ -46,8 +51,8 @@ class ChunkAllReduce(Pass):
     VERSION = 1
     description = "row-parallel matmul + all-reduce -> k token chunks, each reduced as it is done"
 
-    def __init__(self, chunks: int = CHUNKS) -> None:
-        self.chunks = chunks
+    def __init__(self, chunks: int = CHUNKS, min_tokens: int = MIN_CHUNK_TOKENS) -> None:
+        self.chunks, self.min_tokens = chunks, min_tokens
 
     def applies(self, ctx: PassContext) -> str | None:
         if not any(is_call(n, c10d.all_reduce.default) for n in ctx.gm.graph.nodes):
@@ -55,7 +60,7 @@ class ChunkAllReduce(Pass):
         return None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassStats:
-        stats = PassStats(details={"chunks": self.chunks})
+        stats = PassStats(details={"chunks": self.chunks, "min_chunk_tokens": self.min_tokens})
         graph = gm.graph
         waits = [n for n in graph.nodes if is_call(n, c10d.wait_tensor.default)]
         for wait in waits:
@@ -66,10 +71,13 @@ class ChunkAllReduce(Pass):
             x, weight = linear.args
             with graph.inserting_before(linear):
                 size = call(graph, aten.sym_size.int, (x, 0))
-                step = call(
+                even = call(
                     graph,
                     operator.floordiv,
                     (call(graph, operator.add, (size, self.chunks - 1)), self.chunks),
+                )
+                step = (
+                    call(graph, torch.sym_max, (even, self.min_tokens)) if self.min_tokens else even
                 )
                 done = []
                 for i in range(self.chunks):

@@ -103,3 +103,24 @@ def test_passes_skip_programs_without_collectives():
         ep, ["chunk_allreduce", "schedule_collectives"], (torch.randn(2, 8),)
     )
     assert all("no collectives" in r["skipped"] for r in records)
+
+
+@pytest.mark.parametrize(
+    ("min_tokens", "tokens", "rows"), [(1, 7, [4, 3]), (4, 5, [4, 1]), (8, 5, [5, 0])]
+)
+def test_chunk_sizes_follow_min_tokens(group, min_tokens, tokens, rows):
+    """Chunks are ceil(T / k) rows, but never fewer than min_tokens (then the last is empty)."""
+    from xllm_compile.passes import PassContext, PassManager, run_graph
+    from xllm_compile.passes.chunk_allreduce import ChunkAllReduce
+
+    ep = export(RowParallel(group), *inputs(4))
+    ctx = PassContext.from_exported(ep, inputs(tokens))
+    before = run_graph(ctx)
+    PassManager([ChunkAllReduce(min_tokens=min_tokens)], verify=True).run(ctx)
+    after = run_graph(ctx)
+    for (_, a), (_, b) in zip(after, before, strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    cat = next(n for n in ctx.gm.graph.nodes if n.target == aten.cat.default)
+    interp = torch.fx.Interpreter(ctx.gm, garbage_collect_values=False)
+    interp.run(*[ctx.weights[n] for n in ctx.param_order()], *inputs(tokens))
+    assert [interp.env[n].shape[0] for n in cat.args[0]] == rows
