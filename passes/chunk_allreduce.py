@@ -25,6 +25,7 @@ import torch
 from torch import fx
 
 from xllm_compile.passes.base import Pass, PassContext, PassStats
+from xllm_compile.passes.graph_utils import has_collectives
 from xllm_compile.passes.match import aten, call, is_call, only_user
 
 c10d = torch.ops._c10d_functional
@@ -55,7 +56,7 @@ class ChunkAllReduce(Pass):
         self.chunks, self.min_tokens = chunks, min_tokens
 
     def applies(self, ctx: PassContext) -> str | None:
-        if not any(is_call(n, c10d.all_reduce.default) for n in ctx.gm.graph.nodes):
+        if not has_collectives(ctx.gm.graph):
             return "no collectives (not a tensor-parallel program)"
         return None
 

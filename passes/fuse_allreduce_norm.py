@@ -15,6 +15,7 @@ import torch
 from torch import fx
 
 from xllm_compile.passes.base import Pass, PassContext, PassStats
+from xllm_compile.passes.graph_utils import has_collectives
 from xllm_compile.passes.match import call, is_call, only_user
 
 c10d, xllm = torch.ops._c10d_functional, torch.ops.xllm
@@ -39,7 +40,7 @@ class FuseAllReduceNorm(Pass):
     description = "all-reduce + residual add + RMSNorm -> xllm::all_reduce_add_rms_norm"
 
     def applies(self, ctx: PassContext) -> str | None:
-        if not any(is_call(n, c10d.all_reduce.default) for n in ctx.gm.graph.nodes):
+        if not has_collectives(ctx.gm.graph):
             return "no collectives (not a tensor-parallel program)"
         return None
 

@@ -36,6 +36,14 @@ def mutated_inputs(graph: fx.Graph) -> set[fx.Node]:
     return out
 
 
+def has_collectives(graph: fx.Graph) -> bool:
+    """True when the graph calls a functional collective (a tensor-parallel rank's program)."""
+    return any(
+        n.op == "call_function" and getattr(n.target, "namespace", None) == "_c10d_functional"
+        for n in graph.nodes
+    )
+
+
 def count_ops(gm: fx.GraphModule | fx.Graph, target=None) -> int | Counter:
     """Calls of `target` (an OpOverload or OpOverloadPacket), or a Counter over all targets."""
     graph = gm.graph if isinstance(gm, fx.GraphModule) else gm

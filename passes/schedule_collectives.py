@@ -20,7 +20,12 @@ import torch
 from torch import fx
 
 from xllm_compile.passes.base import Pass, PassContext, PassStats
-from xllm_compile.passes.graph_utils import dependency_graph, is_side_effecting, mutated_inputs
+from xllm_compile.passes.graph_utils import (
+    dependency_graph,
+    has_collectives,
+    is_side_effecting,
+    mutated_inputs,
+)
 
 c10d = torch.ops._c10d_functional
 ISSUES = frozenset(
@@ -47,7 +52,7 @@ class ScheduleCollectives(Pass):
     description = "collectives issued as early and waited as late as dependencies allow"
 
     def applies(self, ctx: PassContext) -> str | None:
-        if not any(n.target in ISSUES for n in ctx.gm.graph.nodes):
+        if not has_collectives(ctx.gm.graph):
             return "no collectives (not a tensor-parallel program)"
         return None
 
