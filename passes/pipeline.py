@@ -18,6 +18,7 @@ from xllm_compile.passes.fuse_silu_mul import FuseSiluMul
 from xllm_compile.passes.lower_ops import LowerOps
 from xllm_compile.passes.merge_gate_up import MergeGateUp
 from xllm_compile.passes.merge_qkv import MergeQKV
+from xllm_compile.passes.microbatch_overlap import MicrobatchOverlap
 from xllm_compile.passes.schedule_collectives import ScheduleCollectives
 
 PIPELINE: tuple[type[Pass], ...] = (
@@ -28,6 +29,7 @@ PIPELINE: tuple[type[Pass], ...] = (
     FuseSiluMul,
     FuseRotary,  # after merge_qkv: pairs q and k by the matmul they come from
     ChunkAllReduce,  # tensor parallel, off by default (OPTIONAL): matmul + all-reduce chunks
+    MicrobatchOverlap,  # tensor parallel, OPTIONAL: regions with all-reduces in two halves
     FuseAllReduceNorm,  # tensor parallel, OPTIONAL: after fuse_rms_norm; unchunked ones only
     ScheduleCollectives,  # after every pass that adds collectives or independent work
     LowerOps,  # last: binds whatever xllm:: ops the passes above emitted (and aten.linear)
@@ -35,7 +37,7 @@ PIPELINE: tuple[type[Pass], ...] = (
 
 
 # In the pipeline's order when asked for (`--passes +chunk_allreduce`), else left out.
-OPTIONAL = frozenset({ChunkAllReduce.name, FuseAllReduceNorm.name})
+OPTIONAL = frozenset({ChunkAllReduce.name, MicrobatchOverlap.name, FuseAllReduceNorm.name})
 
 
 def pass_names(optional: bool = False) -> list[str]:

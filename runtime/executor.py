@@ -8,11 +8,21 @@ from __future__ import annotations
 import torch
 
 from xllm_compile.runtime.sequence import Sequence
+from xllm_compile.runtime.step_programs import StepPrograms
 
 
 class Executor:
-    def __init__(self, graph_module: torch.fx.GraphModule, params: list[torch.Tensor], device):
+    def __init__(
+        self,
+        graph_module: torch.fx.GraphModule,
+        params: list[torch.Tensor],
+        device,
+        programs: StepPrograms | None = None,
+    ):
+        """`programs`: the program of each step size (StepPrograms; default: `graph_module`
+        for every step)."""
         self.graph_module = graph_module
+        self.programs = programs or StepPrograms(graph_module)
         self.params = params
         self.device = torch.device(device)
         self.graph_cache = None  # a runtime.graph_cache.GraphCache, attached by the loader
@@ -59,7 +69,8 @@ class Executor:
                 flat = [x for row in rows for x in row]
                 self._send_padded(flat, [len(r) for r in rows], 0)
             inputs = [torch.tensor(r, dtype=torch.int64, device=self.device) for r in rows]
-            (logits,) = self.graph_module(*self.params, *inputs, kv_cache)
+            program = self.programs.for_tokens(len(rows[0]))
+            (logits,) = program(*self.params, *inputs, kv_cache)
         return logits
 
     def attach_tp(self, group, journal) -> None:

@@ -54,6 +54,7 @@ from xllm_compile.buckets import (
 )
 from xllm_compile.runtime.arena import Arena, build_arena_runner, make_arena
 from xllm_compile.runtime.kv_cache import KVCache
+from xllm_compile.runtime.step_programs import BASE, StepPrograms
 
 __all__ = [
     "GraphCache",
@@ -98,6 +99,14 @@ class _Entry:
     output: torch.Tensor | None = None  # [Bp, V] static logits (CUDA graphs)
     graph: torch.cuda.CUDAGraph | None = None
     fn: object = None  # the Inductor-compiled or arena program, else None: the program itself
+    program: object = None  # the program (variant) of the bucket's token count
+    variant: str = "base"
+
+    @property
+    def callable(self):
+        """What a step of this bucket calls: the compiled or arena program, else the program."""
+        return self.program if self.fn is None else self.fn
+
     uses: int = field(default=0)
     nbytes: int = 0  # device memory this entry holds: static buffers, captured graph's memory
 
@@ -118,6 +127,7 @@ class GraphCache:
         max_num_tokens: int | None = None,
         arena_plans: list[StoredPlan] | None = None,
         arena: bool | None = None,
+        programs: StepPrograms | None = None,
     ) -> None:
         """`backend`: "cuda_graph" (the default on CUDA), "eager" (the default on CPU) or
         "inductor"; `max_entries`/`max_bytes`: how many executables, and how much memory held by
@@ -126,14 +136,17 @@ class GraphCache:
         and Inductor, no for eager, where padding a prefill only adds work);
         `arena_plans`: the artifact's plans (arena_plans.loads); `arena`: run bucket programs
         over one activation arena holding the static inputs, intermediates and logits (default:
-        yes for CUDA graphs when plans are given; Inductor plans its own buffers)."""
+        yes for CUDA graphs when plans are given; Inductor plans its own buffers);
+        `programs`: the artifact's program per step size (a --tp --overlap auto artifact's
+        variants; default: `graph_module` for all), chosen per bucket by its token count."""
         self.graph_module, self.params, self.kv_cache = graph_module, params, kv_cache
+        self.programs = programs or StepPrograms(graph_module)
         self.device = torch.device(device)
         self.backend = backend or ("cuda_graph" if self.device.type == "cuda" else "eager")
         if self.backend not in BACKENDS:
             raise ValueError(f"graph cache backend {self.backend!r}; choose from {BACKENDS}")
         self.use_cuda_graphs = self.backend == "cuda_graph"
-        self._compiled = None
+        self._compiled: dict[str, object] = {}  # variant -> torch.compile'd program
         buckets = buckets or {}  # the manifest's (compile-time) choice, else the defaults
         # the compile-time buckets holding every batch up to max_num_seqs (padding rows use the
         # scratch slot, so a bucket may exceed it); their arena plans then apply as they are
@@ -212,10 +225,12 @@ class GraphCache:
             self.before_run(padded, self._sizes(key), key[-1])
         entry.buffer.copy_(padded, non_blocking=True)
         entry.uses += 1
+        self.programs.runs[entry.variant] += 1
         if entry.graph is not None:
             entry.graph.replay()
             return entry.output[:batch]
-        return self._call(entry.args, kv_tensor[:, :, :, : key[-1]], entry.fn)[:batch]
+        kv_view = kv_tensor[:, :, :, : key[-1]]
+        return self._call(entry.args, kv_view, entry.callable)[:batch]
 
     @property
     def arena_bytes(self) -> int:
@@ -280,6 +295,7 @@ class GraphCache:
         return list(buffer.split(cls._sizes(key)))
 
     def _call(self, args: list[torch.Tensor], kv_view: torch.Tensor, fn=None) -> torch.Tensor:
+        """`fn`: the entry's compiled or arena program, else its program (variant)."""
         (logits,) = (self.graph_module if fn is None else fn)(*self.params, *args, kv_view)
         return logits
 
@@ -312,12 +328,17 @@ class GraphCache:
         empty = [[] for _ in range(7)]
         padded = self._pad(empty, key)  # every row is padding
         kv_view = kv_tensor[:, :, :, : key[-1]]
-        entry = self._arena_entry(padded, key, kv_view) if self.use_arena else None
+        variant = self.programs.variant_for(self._sizes(key)[0])
+        program = self.programs.modules[variant]
+        # arena plans are made for the base program (the only one without --tp)
+        arena = self.use_arena and variant == BASE
+        entry = self._arena_entry(padded, key, kv_view) if arena else None
         if entry is None:
             buffer = padded.to(self.device)
             entry = _Entry(buffer=buffer, args=self._split(buffer, key), nbytes=buffer.nbytes)
+        entry.program, entry.variant = program, variant
         if self.backend == "inductor":
-            entry.fn = self._compile_bucket(entry.args, kv_view)
+            entry.fn = self._compile_bucket(entry.args, kv_view, variant)
         if not self.use_cuda_graphs:
             return entry
         reserved = torch.cuda.memory_reserved(self.device)
@@ -325,11 +346,11 @@ class GraphCache:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(2):  # warm up kernels and allocator outside the capture
-                self._call(entry.args, kv_view, entry.fn)
+                self._call(entry.args, kv_view, entry.callable)
         torch.cuda.current_stream().wait_stream(stream)
         entry.graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(entry.graph, pool=self._pool):
-            entry.output = self._call(entry.args, kv_view, entry.fn)
+            entry.output = self._call(entry.args, kv_view, entry.callable)
         # the graph's private memory (shared pool: what this capture added to it)
         entry.nbytes += max(0, torch.cuda.memory_reserved(self.device) - reserved)
         return entry
@@ -357,24 +378,26 @@ class GraphCache:
         tp, bp = (key[1], key[1]) if key[0] == "decode" else (key[1], key[2])
         return (tp, tp, tp, bp, bp, bp, bp)
 
-    def _compile_bucket(self, args: list[torch.Tensor], kv_view: torch.Tensor):
+    def _compile_bucket(self, args: list[torch.Tensor], kv_view: torch.Tensor, variant: str):
         """Inductor-compile the program for this bucket's static shapes (compiled on this call)."""
         import torch._dynamo
 
         inductor_cache_dir()
-        if self._compiled is None:
-            self._compiled = torch.compile(self.graph_module, dynamic=False)
+        if variant not in self._compiled:
+            program = self.programs.modules[variant]
+            self._compiled[variant] = torch.compile(program, dynamic=False)
+        compiled = self._compiled[variant]
         hits, misses = _inductor_counters()
         # One compiled artifact per bucket: lift dynamo's per-function recompile limit (8) to the
         # number of buckets for the duration of the build.
         limit = len(self.keys()) + 8
         with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=limit):
             with torch.inference_mode():
-                self._call(args, kv_view, self._compiled)
+                self._call(args, kv_view, compiled)
         new_hits, new_misses = _inductor_counters()
         self.stats.compile_cache_hits += new_hits - hits
         self.stats.compile_cache_misses += new_misses - misses
-        return self._compiled
+        return compiled
 
 
 def _inductor_counters() -> tuple[int, int]:
@@ -395,7 +418,7 @@ def attach_graph_cache(
         engine.kv_cache,
         max_num_seqs or engine.scheduler.max_num_seqs,
         ex.device,
-        **{"max_num_tokens": engine.max_num_tokens, **kwargs},
+        **{"max_num_tokens": engine.max_num_tokens, "programs": ex.programs, **kwargs},
     )
     ex.attach_graph_cache(cache)
     if warmup:

@@ -20,6 +20,7 @@ from xllm_compile.runtime.engine import Engine
 from xllm_compile.runtime.executor import Executor
 from xllm_compile.runtime.kv_cache import ContiguousKVCache, KVCache
 from xllm_compile.runtime.paged_kv_cache import KVGeometry, build_paged_kv_cache
+from xllm_compile.runtime.step_programs import StepPrograms
 from xllm_compile.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ def load(path: str | Path, config: RuntimeConfig | None = None, **overrides) -> 
             "graph cache or none, for now"
         )
     graph_module = _load_program(art)
+    programs = _load_variants(art, graph_module, 0)
     params = _load_params(art, m["program"]["params"], device)
     config = _model_config(art)
     named = dict(zip(m["program"]["params"], params, strict=True))
@@ -70,7 +72,7 @@ def load(path: str | Path, config: RuntimeConfig | None = None, **overrides) -> 
         DTYPES[m["dtype"]],
     )
     cache = _make_kv_cache(kv_cache, geometry, device, kv_memory, kv_page_size)
-    executor = Executor(graph_module, params, device)
+    executor = Executor(graph_module, params, device, programs)
     if tp_size > 1:
         cache = _start_tp(art, executor, cache, geometry, kv_cache, tp_size, c.tp_timeout_s)
     tokenizer = None
@@ -141,7 +143,8 @@ def _start_tp(art, executor, cache, geometry, kv_kind, size: int, timeout_s: flo
         "threads": threads,
     }
     group = TPGroup(art.path, size, options, timeout_s)
-    program_format.bind_group(executor.graph_module, group.group_name)
+    for program in executor.programs:
+        program_format.bind_group(program, group.group_name)
     journal = JournaledKVCache(cache)
     executor.attach_tp(group, journal)
     return journal
@@ -152,13 +155,46 @@ def load_rank(path: Path, rank: int, group_name: str, options: dict):
     art = artifact.open_artifact(path, verify=False)  # rank 0 checked every hash
     entry = art.manifest["tp"]["ranks"][rank]
     gm = _load_program(art, entry["program"], rank)
-    program_format.bind_group(gm, group_name)
+    programs = _load_variants(art, gm, rank)
+    for program in programs:
+        program_format.bind_group(program, group_name)
     params = _load_params(art, entry["params"], "cpu", entry["weights"])
     g = dict(options["geometry"])
     g["dtype"] = getattr(torch, g["dtype"].removeprefix("torch."))
     memory, page = options["kv_memory"], options["kv_page_size"]
     cache = _make_kv_cache(options["kv_cache"], KVGeometry(**g), "cpu", memory, page)
-    return gm, params, cache
+    return programs, params, cache
+
+
+def _load_variants(art: artifact.Artifact, base, rank: int) -> StepPrograms:
+    """Rank `rank`'s program per step size: the base program, plus the overlap variants of a
+    --overlap auto artifact, each taking the same parameters."""
+    entry = art.manifest.get("overlap") or {}
+    variants = {}
+    count = _num_placeholders(base)
+    for name, v in (entry.get("variants") or {}).items():
+        try:
+            file = v["ranks"][rank]
+        except (KeyError, IndexError, TypeError):
+            raise ArtifactError(
+                f"{art.path}: manifest.json lists no rank {rank} program of variant {name!r}; "
+                "recompile the model"
+            ) from None
+        variants[name] = _load_program(art, file, rank)
+        if _num_placeholders(variants[name]) != count:
+            raise ArtifactError(
+                f"{art.path}: {file} takes other inputs than {artifact.PROGRAM}; recompile"
+            )
+    try:
+        return StepPrograms(base, variants, entry.get("select"))
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(
+            f"{art.path}: the manifest's overlap table is unreadable ({e})"
+        ) from None
+
+
+def _num_placeholders(gm) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "placeholder")
 
 
 def _model_config(art: artifact.Artifact) -> ModelConfig:

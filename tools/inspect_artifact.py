@@ -71,6 +71,8 @@ def inspect_artifact(path: str, as_json: bool = False) -> str:
     parts = [_table(model_rows, f"artifact {path}"), _table(files, "files")]
     if m.get("passes"):
         parts.append(_pass_table(m["passes"]))
+    if m.get("overlap"):
+        parts.append(_overlap_table(m["overlap"]))
     if m.get("memory_plan"):
         table = _memory_plan_table(m["memory_plan"])
         if m.get("arena_plans"):
@@ -105,6 +107,44 @@ def _pass_table(passes: list[dict]) -> str:
         ]
         lines.append("  " + "  ".join(cells) + "  " + r[-1])
     return "\n".join(lines)
+
+
+def _overlap_table(o: dict) -> str:
+    """--overlap auto: the program each step size runs, and the cost model's predictions."""
+    rows, low = [], 1
+    for bound, variant in o["select"]:
+        span = f"{low}+ tokens" if bound is None else f"{low}-{bound} tokens"
+        rows.append((span, variant))
+        low = (bound or 0) + 1
+    if o.get("reason"):
+        rows.append(("why", o["reason"]))
+    for variant, entry in (o.get("variants") or {}).items():
+        rows.append((f"{variant} programs", ", ".join(entry["ranks"])))
+        done = [p for p in entry.get("passes", []) if not p.get("skipped")]
+        what = [
+            f"{p['name']}: " + ", ".join(f"{k} {v}" for k, v in p["stats"]["replaced"].items())
+            for p in done
+            if p["name"] in ("chunk_allreduce", "microbatch_overlap", "schedule_collectives")
+        ]
+        rows += [(f"{variant} passes", w) for w in what]
+    costs = o.get("costs") or {}
+    for i, size in enumerate(o.get("sizes", [])):
+        cells = []
+        for variant, c in costs.items():
+            cells.append(
+                f"{variant} {c[i]['predicted_ms']:.2f} (comm {c[i]['comm_ms']:.2f}, exposed "
+                f"{c[i]['exposed_comm_ms']:.2f})"
+            )
+        rows.append((f"predicted ms @ {size} tokens", "; ".join(cells)))
+    profile = o.get("profile") or {}
+    if profile:
+        rows.append(
+            (
+                "all-reduce profile",
+                f"{profile['backend']} x{profile['world_size']}, {profile['source']}",
+            )
+        )
+    return _table(rows, "compute/communication overlap (cost model)")
 
 
 def _memory_plan_table(plans: dict) -> str:

@@ -107,3 +107,12 @@ def step_shapes(buckets: dict, max_num_seqs: int) -> list[tuple[int, int]]:
     for tp in buckets.get("prefill_tokens", ()):
         shapes += [(tp, b) for b in prefill_batch_buckets(decode, max_num_seqs) if b <= tp]
     return shapes
+
+
+def select_variant(table, num_tokens: int) -> str:
+    """The program variant of a step of `num_tokens` tokens, from the manifest's overlap table
+    [[max_tokens | None, variant], ...] (overlap.py): the first entry whose bound holds it."""
+    for bound, variant in table:
+        if bound is None or num_tokens <= bound:
+            return variant
+    return table[-1][1]

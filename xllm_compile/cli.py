@@ -60,6 +60,20 @@ def _add_compile_args(p: argparse.ArgumentParser) -> None:
         default=CompileConfig.tp,
         help="tensor-parallel ranks: one program and weights file each (default 1)",
     )
+    p.add_argument(
+        "--overlap",
+        choices=("auto", "none"),
+        default=CompileConfig.overlap,
+        help="with --tp: compile the compute/communication overlap variants and let the cost "
+        "model pick one per step size (auto, the default), or one program for all (none)",
+    )
+    p.add_argument(
+        "--comm-profile",
+        default=None,
+        metavar="FILE",
+        help="with --tp: the all-reduce profile of the target (python -m "
+        "xllm_compile.comm_profile --out FILE); default: measured here once and cached",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "--sign", default=None, dest="sign_key", metavar="KEY", help="sign with this ed25519 key"
@@ -219,6 +233,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         verify=args.verify,
         sign_key=args.sign_key,
         tp=args.tp,
+        overlap=args.overlap,
+        comm_profile=args.comm_profile,
     )
     out = compile_model(cfg)
     print(f"compiled {args.model} -> {out}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from xllm_compile import arena_plans, artifact, env, program_format, signing, tp
+from xllm_compile import arena_plans, artifact, env, overlap, program_format, signing, tp
 from xllm_compile.backend import check_device
 from xllm_compile.buckets import parse_buckets, step_shapes
 from xllm_compile.config import CompileConfig, ModelConfig
@@ -58,6 +58,10 @@ def compile_model(cfg: CompileConfig) -> Path:
     hf_config = load_hf_config(model_dir)
     config = model_config_from_hf(hf_config)
     tp.check_tp(config, cfg.tp)
+    if cfg.comm_profile:  # a bad profile fails before any work
+        from xllm_compile import comm_profile
+
+        comm_profile.read(cfg.comm_profile, cfg.tp)
     max_len = resolve_max_len(config, cfg.max_model_len)
     # a bad --buckets fails before any work
     parse_buckets(cfg.buckets, cfg.max_num_seqs, max_len, cfg.max_num_tokens)
@@ -86,6 +90,10 @@ class RankProgram:
     ep: torch.export.ExportedProgram
     weights: dict
     pass_log: list[dict]
+    # --overlap auto: the other variants' programs (same weights) and their pass logs
+    variants: dict[str, torch.export.ExportedProgram] = dataclasses.field(default_factory=dict)
+    variant_logs: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
+    choice: overlap.Choice | None = None  # rank 0's, with --overlap auto
 
 
 def _compile_ranks(model_dir, config: ModelConfig, cfg: CompileConfig, max_len, pipeline):
@@ -96,6 +104,7 @@ def _compile_ranks(model_dir, config: ModelConfig, cfg: CompileConfig, max_len, 
     full = build_meta_model(config, cfg.torch_dtype, max_len).state_dict()
     weights = _load_weights(model_dir, {n: t.shape for n, t in full.items()}, config, cfg, max_len)
     local = tp.local_config(config, cfg.tp)
+    auto = overlap.wanted(cfg, pipeline)
     ranks = []
     with one_rank_group() as group:
         for rank in range(cfg.tp):
@@ -105,10 +114,58 @@ def _compile_ranks(model_dir, config: ModelConfig, cfg: CompileConfig, max_len, 
             )
             program_format.bind_group(ep.graph_module, group)
             shard = tp.shard_weights(weights, config, cfg.tp, rank)
-            pass_log = optimize(ep, shard, local, cfg, pipeline)
-            program_format.bind_group(ep.graph_module, tp.GROUP)  # the saved placeholder
-            ranks.append(RankProgram(ep, shard, pass_log))
+            if not auto:
+                pass_log = optimize(ep, shard, local, cfg, pipeline)
+                ranks.append(RankProgram(ep, shard, pass_log))
+            else:
+                ranks.append(_optimize_variants(ep, shard, local, cfg, pipeline))
+        if auto:
+            _choose_overlap(ranks, local, cfg, max_len)
+    for r in ranks:
+        for program in (r.ep, *r.variants.values()):
+            program_format.bind_group(program.graph_module, tp.GROUP)  # the saved placeholder
     return ranks
+
+
+def _optimize_variants(ep, shard: dict, local: ModelConfig, cfg: CompileConfig, pipeline):
+    """The passes before the communication ones once, then each variant's tail on a copy."""
+    head, _ = overlap.split_pipeline(pipeline, "base")
+    head_log = optimize(ep, shard, local, cfg, head)
+    programs, logs = {}, {}
+    for variant in overlap.VARIANTS:
+        _, tail = overlap.split_pipeline(pipeline, variant)
+        programs[variant] = overlap.fork(ep)
+        logs[variant] = head_log + optimize(programs[variant], shard, local, cfg, tail)
+    base = programs.pop("base")
+    return RankProgram(base, shard, logs.pop("base"), programs, logs)
+
+
+def _choose_overlap(ranks: list[RankProgram], local: ModelConfig, cfg: CompileConfig, max_len):
+    """Predict each variant on rank 0 (the ranks run alike), keep the ones some size uses."""
+    from xllm_compile import comm_profile
+
+    try:
+        profile = (
+            comm_profile.read(cfg.comm_profile, cfg.tp)
+            if cfg.comm_profile
+            else comm_profile.load_or_measure(cfg.tp)
+        )
+    except (RuntimeError, OSError) as e:  # an optimization: never worth failing the compile
+        log.warning("--overlap auto: no all-reduce profile (%s); one program for all steps", e)
+        profile = f"no all-reduce profile: {e}"
+    first = ranks[0]
+    programs = {"base": first.ep, **first.variants}
+    params = [first.weights[n] for n in _param_names(first.ep)]
+    choice = overlap.choose(programs, params, local, cfg, max_len, profile)
+    for r in ranks:
+        r.variants = {v: ep for v, ep in r.variants.items() if v in choice.used}
+        r.variant_logs = {v: log_ for v, log_ in r.variant_logs.items() if v in choice.used}
+        r.pass_log = r.pass_log + [choice.record()]
+    ranks[0].choice = choice
+
+
+def _param_names(ep) -> list[str]:
+    return [s.target for s in ep.graph_signature.input_specs if s.kind in PARAM_KINDS]
 
 
 @contextlib.contextmanager
@@ -277,6 +334,8 @@ def _write(tmp_dir, model_dir, ranks: list[RankProgram], config, hf_config, cfg,
         save_safetensors({n: r.weights[n].contiguous() for n in params}, tmp_dir / weights_name)
         env.kill_at("weights")
         files.append({"program": program, "weights": weights_name, "params": params})
+        for variant, ep_v in r.variants.items():
+            (tmp_dir / overlap.variant_file(variant, rank)).write_bytes(program_format.dumps(ep_v))
     tokenizer_files = artifact.copy_tokenizer(model_dir, tmp_dir)
     env.kill_at("tokenizer")
     buckets = parse_buckets(cfg.buckets, cfg.max_num_seqs, max_len, cfg.max_num_tokens)
@@ -307,6 +366,7 @@ def _write(tmp_dir, model_dir, ranks: list[RankProgram], config, hf_config, cfg,
             },
             "program": {"file": artifact.PROGRAM, "inputs": list(INPUT_NAMES), **files[0]},
             "tp": _tp_entry(config, cfg.tp, files) if cfg.tp > 1 else None,
+            "overlap": _overlap_entry(ranks) if ranks[0].choice is not None else None,
             "tokenizer": {"files": tokenizer_files}
             if "tokenizer.json" in tokenizer_files
             else None,
@@ -317,6 +377,19 @@ def _write(tmp_dir, model_dir, ranks: list[RankProgram], config, hf_config, cfg,
         },
     )
     env.kill_at("manifest")
+
+
+def _overlap_entry(ranks: list[RankProgram]) -> dict:
+    """The cost model's table and predictions, and each kept variant's per-rank programs."""
+    entry = ranks[0].choice.manifest()
+    entry["variants"] = {
+        v: {
+            "ranks": [overlap.variant_file(v, rank) for rank in range(len(ranks))],
+            "passes": ranks[0].variant_logs[v],
+        }
+        for v in ranks[0].variants
+    }
+    return entry
 
 
 def _tp_entry(config: ModelConfig, size: int, files: list[dict]) -> dict:

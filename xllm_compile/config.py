@@ -147,8 +147,14 @@ class CompileConfig:
     verify: bool = True  # check each pass's numbers against the graph before it
     sign_key: str | None = None  # an ed25519 private key: sign the manifest (signing.py)
     tp: int = 1  # tensor-parallel ranks (tp.py): one program and weights file per rank
+    # --tp > 1: "auto" compiles the overlap variants and picks one per step size with the
+    # cost model (overlap.py); "none": the pipeline's one program for every step
+    overlap: str = "auto"
+    comm_profile: str | None = None  # a stored all-reduce profile (comm_profile.py)
 
     def __post_init__(self) -> None:
+        if self.overlap not in ("auto", "none"):
+            raise ConfigError(f"--overlap {self.overlap!r}: choose auto or none")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.device not in DEVICES:
