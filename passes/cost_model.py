@@ -87,7 +87,8 @@ def replay(
         if node.op != "call_function":
             continue
         own = times.get(node.name, 0.0)
-        compute += own  # launches and waits' own calls included: exposed_s is the stall
+        if node.target != WAIT:  # a wait's own call is part of the stall
+            compute += own
         if node.target in ISSUE:
             clock += own  # the launch
             cost = all_reduce_s(sizes.get(node.name, 0))

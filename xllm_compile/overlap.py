@@ -187,16 +187,21 @@ def choose(programs: dict, params: list, config, cfg, max_len: int, profile) -> 
             choice.costs[variant] = costs
     finally:
         torch.set_num_threads(threads)
-    winners = []
-    for i in range(len(sizes)):
-        base = choice.costs["base"][i]["predicted_ms"]
-        best = min(choice.costs, key=lambda v: choice.costs[v][i]["predicted_ms"])
-        gain = base - choice.costs[best][i]["predicted_ms"]
-        winners.append(best if gain > MARGIN * base else "base")
-    choice.table = table(sizes, winners)
+    choice.table = table(sizes, winners(choice.costs))
     choice.time_s = time.perf_counter() - start
     log.info("overlap choice: %s", choice.table)
     return choice
+
+
+def winners(costs: dict[str, list[dict]]) -> list[str]:
+    """Per size, the variant predicted fastest, if it beats base by MARGIN; else base."""
+    out = []
+    for i in range(len(costs["base"])):
+        base = costs["base"][i]["predicted_ms"]
+        best = min(costs, key=lambda v: costs[v][i]["predicted_ms"])
+        gain = base - costs[best][i]["predicted_ms"]
+        out.append(best if gain > MARGIN * base else "base")
+    return out
 
 
 def table(sizes: list[int], winners: list[str]) -> list[list]:

@@ -32,6 +32,7 @@ VARIANTS = {
     "default": (),
     "chunked": ("--passes", "+chunk_allreduce"),
     "fused-norm": ("--passes", "+fuse_allreduce_norm"),
+    "microbatch": ("--passes", "+microbatch_overlap"),
     "chunked-unscheduled": (
         "--passes",
         "+chunk_allreduce",
@@ -74,6 +75,10 @@ def test_tp2_matches_tp1(family, variant, tp_artifacts):
     if variant == "chunked":  # every chunk's wait but the last moved past the next matmul
         assert log["schedule_collectives"]["stats"]["details"]["waits_moved"] == row_parallel
     assert ("schedule_collectives" in log) == (variant != "chunked-unscheduled")
+    if variant == "microbatch":  # each layer's two all-reduces, in two halves
+        assert log["microbatch_overlap"]["stats"]["matches"] == row_parallel
+    # --overlap auto unless the pipeline names an overlap pass itself
+    assert ("overlap_choice" in log) == (manifest["overlap"] is not None) == (variant == "default")
     one = load(art1)
     with load(art2) as two:
         want = one.generate(PROMPTS, max_tokens=32, ignore_eos=True)
@@ -83,6 +88,68 @@ def test_tp2_matches_tp1(family, variant, tp_artifacts):
         assert rel_err(prefill_then_decode(two, PROMPTS[0], want[0].token_ids[:6]), ref) < 1e-4
         procs = two.executor.tp_group.procs
     assert all(p.poll() is not None for p in procs)  # close() stopped the worker
+
+
+LONG = 700  # tokens: past the microbatch/chunk minimum of 256 rows, so the halves are real
+
+
+@pytest.fixture(scope="module")
+def long_artifacts(family_models, tmp_path_factory):
+    """llama3 at --max-model-len 1024: TP=1, and TP=2 with --overlap auto (the cost model's
+    choice), the microbatch and the chunked program forced."""
+    _, model_dir, _ = family_models("llama3")
+    root = tmp_path_factory.mktemp("long")
+    flags = {
+        "auto": (),
+        "microbatch": ("--passes", "+microbatch_overlap"),
+        "chunked": ("--passes", "+chunk_allreduce"),
+    }
+    arts = {"tp1": compile_cli(model_dir, root / "tp1", "--max-model-len", "1024")}
+    for name, extra in flags.items():
+        arts[name] = compile_cli(
+            model_dir, root / name, "--max-model-len", "1024", "--tp", "2", *extra
+        )
+    return arts
+
+
+@pytest.mark.parametrize("variant", ["auto", "microbatch", "chunked"])
+def test_long_prefill_with_overlap_matches_tp1(variant, long_artifacts):
+    prompt = [(i * 37) % 317 + 3 for i in range(LONG)]
+    one = load(long_artifacts["tp1"])
+    [want] = one.generate([prompt], max_tokens=8, ignore_eos=True)
+    ref = prefill_then_decode(one, prompt, want.token_ids[:4])
+    with load(long_artifacts[variant]) as two:
+        [got] = two.generate([prompt], max_tokens=8, ignore_eos=True)
+        assert got.token_ids == want.token_ids
+        assert rel_err(prefill_then_decode(two, prompt, want.token_ids[:4]), ref) < 1e-4
+        programs = two.executor.programs
+        if variant == "auto":  # the long prefill ran the program the table names for it
+            assert programs.runs[programs.variant_for(LONG)] >= 2
+            assert programs.runs["base"] >= 8  # the decode steps
+        else:
+            assert set(programs.runs) == {"base"}  # one program, every step
+
+
+def test_overlap_choice_follows_the_predictions(long_artifacts):
+    """The table is the cost model's argmin per size (beyond the margin); the artifact holds
+    exactly the variants it names; inspect shows the choice and the predictions."""
+    from xllm_compile import overlap
+
+    manifest = json.loads((long_artifacts["auto"] / MANIFEST).read_text())
+    o = manifest["overlap"]
+    assert set(o["costs"]) == set(overlap.VARIANTS) and o["profile"]["world_size"] == 2
+    assert o["select"] == overlap.table(o["sizes"], overlap.winners(o["costs"]))
+    used = {v for _, v in o["select"]} - {"base"}
+    assert set(o["variants"]) == used
+    for v in used:
+        for name in o["variants"][v]["ranks"]:
+            assert (long_artifacts["auto"] / name).is_file() and name in manifest["files"]
+    for costs in o["costs"].values():
+        for c in costs:
+            assert c["predicted_ms"] >= max(c["compute_ms"], c["comm_ms"]) * 0.999
+    shown = run_cli("inspect", str(long_artifacts["auto"])).stdout
+    assert "compute/communication overlap" in shown
+    assert f"predicted ms @ {o['sizes'][-1]} tokens" in shown
 
 
 def test_bad_tp_is_one_line(family_models, tmp_path):
