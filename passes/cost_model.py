@@ -63,11 +63,14 @@ class _Timer(fx.Interpreter):
 
 
 @torch.inference_mode()
-def node_times(gm: fx.GraphModule, args: Sequence, reps: int = 3) -> dict[str, float]:
+def node_times(
+    gm: fx.GraphModule, args: Sequence, reps: int = 3, warmup: bool = True
+) -> dict[str, float]:
     """Each node's compute time (the best of `reps` runs after one warm-up), by node name. On a
     one-rank group a collective is the identity: its own time here is only its launch."""
     samples: dict[str, list[float]] = defaultdict(list)
-    _Timer(gm, defaultdict(list)).run(*args)  # warm-up: kernels, allocator
+    if warmup:
+        _Timer(gm, defaultdict(list)).run(*args)  # kernels, allocator
     for _ in range(reps):
         _Timer(gm, samples).run(*args)
     return {name: min(ts) for name, ts in samples.items()}
@@ -120,6 +123,7 @@ def concrete_bytes(graph: fx.Graph, args: Sequence) -> dict[str, int]:
 def step_cost(
     gm: fx.GraphModule, args: Sequence, all_reduce_s: Callable[[int], float], reps: int = 3
 ) -> StepCost:
-    """Measure `gm`'s nodes on `args`, then replay them with the collectives' real sizes."""
+    """Measure `gm`'s nodes on `args`, then replay them with the collectives' real sizes (the
+    sizing run is the warm-up)."""
     sizes = concrete_bytes(gm.graph, args)
-    return replay(gm.graph, node_times(gm, args, reps), sizes, all_reduce_s)
+    return replay(gm.graph, node_times(gm, args, reps, warmup=False), sizes, all_reduce_s)

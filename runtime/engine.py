@@ -1,4 +1,5 @@
-"""The engine: prompts in, completions out. Owns the executor, KV cache, scheduler and tokenizer."""
+"""The engine: prompts in, completions out. Owns the model runner, KV cache, scheduler and
+tokenizer."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from xllm_compile.errors import RequestError, XllmError
-from xllm_compile.runtime.executor import Executor
 from xllm_compile.runtime.kv_cache import KVCache
+from xllm_compile.runtime.model_runner import ModelRunner
 from xllm_compile.runtime.sampler import SamplingParams, make_generator, sample
 from xllm_compile.runtime.scheduler import Scheduler
 from xllm_compile.runtime.sequence import Sequence, Status
@@ -31,7 +32,7 @@ class Completion:
 class Engine:
     def __init__(
         self,
-        executor: Executor,
+        runner: ModelRunner,
         kv_cache: KVCache,
         tokenizer: Tokenizer | None,
         eos_token_ids: tuple[int, ...],
@@ -39,7 +40,7 @@ class Engine:
         max_num_tokens: int,
         manifest: dict,
     ) -> None:
-        self.executor = executor
+        self.runner = runner
         self.kv_cache = kv_cache
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -111,11 +112,11 @@ class Engine:
     @property
     def is_healthy(self) -> bool:
         """False once a tensor-parallel rank died or hung: no step can run any more."""
-        return self.executor.is_healthy
+        return self.runner.is_healthy
 
     def close(self) -> None:
         """Release what outlives the process's objects: the other ranks of a --tp artifact."""
-        self.executor.close()
+        self.runner.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -127,15 +128,12 @@ class Engine:
     def graph_cache_stats(self):
         """The graph cache's counters (hits, misses, builds, build time, evictions, compile-cache
         hits and misses, arena programs), or None without a graph cache."""
-        cache = self.executor.graph_cache
-        return None if cache is None else cache.stats
+        return self.runner.stats if self.runner.bucketed else None
 
     def warmup(self, show_progress: bool = False) -> None:
         """Build every graph-cache bucket now (decode, and prefill where enabled), so that no
         request pays for a build; a no-op without a graph cache."""
-        cache = self.executor.graph_cache
-        if cache is not None:
-            cache.warmup(self.kv_cache.tensor, show_progress=show_progress)
+        self.runner.warmup(self.kv_cache.tensor, show_progress=show_progress)
 
     def step(self) -> None:
         batch = self.scheduler.schedule()
@@ -158,9 +156,8 @@ class Engine:
         """Logits for `seqs`. When the batch fails, each sequence runs alone (a failed step
         marks nothing cached, and rewriting a KV row writes the same values), so only the
         ones that fail alone fail, with their error; the rest go on with their own logits."""
-        kv = self.kv_cache.tensor
         try:
-            return seqs, self.executor.run(seqs, kv)
+            return seqs, self.run_step(seqs)
         except Exception as e:
             if len(seqs) == 1:
                 self._fail(seqs[0], f"the step failed: {type(e).__name__}: {e}")
@@ -169,11 +166,19 @@ class Engine:
         ok, rows = [], []
         for seq in seqs:
             try:
-                rows.append(self.executor.run([seq], kv))
+                rows.append(self.run_step([seq]))
                 ok.append(seq)
             except Exception as e:  # this sequence is the cause (or one of them)
                 self._fail(seq, f"the step failed: {type(e).__name__}: {e}")
         return ok, torch.cat(rows) if rows else None
+
+    def run_step(self, seqs: list[Sequence], all_logits: bool = False) -> torch.Tensor:
+        """Run one step of `seqs` on the runner and mark their pending tokens cached (the
+        scheduler's bookkeeping: a step that raises marks nothing). Returns logits [N, V]."""
+        logits = self.runner.run(seqs, self.kv_cache.tensor, all_logits)
+        for seq in seqs:
+            seq.num_cached = seq.num_tokens
+        return logits
 
     def _fail(self, seq: Sequence, message: str) -> None:
         log.warning("sequence %d failed: %s", seq.seq_id, message)

@@ -17,8 +17,8 @@ from xllm_compile.config import DTYPES, ModelConfig
 from xllm_compile.errors import ArtifactError, ConfigError, XllmError
 from xllm_compile.runtime.config import RuntimeConfig
 from xllm_compile.runtime.engine import Engine
-from xllm_compile.runtime.executor import Executor
 from xllm_compile.runtime.kv_cache import ContiguousKVCache, KVCache
+from xllm_compile.runtime.model_runner import ModelRunner
 from xllm_compile.runtime.paged_kv_cache import KVGeometry, build_paged_kv_cache
 from xllm_compile.runtime.step_programs import StepPrograms
 from xllm_compile.runtime.tokenizer import Tokenizer
@@ -72,15 +72,16 @@ def load(path: str | Path, config: RuntimeConfig | None = None, **overrides) -> 
         DTYPES[m["dtype"]],
     )
     cache = _make_kv_cache(kv_cache, geometry, device, kv_memory, kv_page_size)
-    executor = Executor(graph_module, params, device, programs)
+    runner = ModelRunner(programs, params, device)
     if tp_size > 1:
-        cache = _start_tp(art, executor, cache, geometry, kv_cache, tp_size, c.tp_timeout_s)
+        cache = _start_tp(art, runner, cache, geometry, kv_cache, tp_size, c.tp_timeout_s)
+    runner.kv_cache = cache  # where buckets take their scratch slot (journaled under --tp)
     tokenizer = None
     if m.get("tokenizer"):  # the tokenizer files the manifest lists and hashes, no others
         files = [f for f in m["tokenizer"].get("files", []) if art.has(f)]
         tokenizer = Tokenizer(art.path, files)
     engine = Engine(
-        executor,
+        runner,
         cache,
         tokenizer,
         _eos_token_ids(art, config),
@@ -89,7 +90,7 @@ def load(path: str | Path, config: RuntimeConfig | None = None, **overrides) -> 
         m,
     )
     if graph_cache:
-        from xllm_compile.runtime.graph_cache import attach_graph_cache
+        from xllm_compile.runtime.model_runner import attach_graph_cache
 
         backend = c.graph_backend
         if backend == "cuda_graph" and not device.startswith("cuda"):
@@ -127,9 +128,9 @@ def _kv_heads(art: artifact.Artifact, config: ModelConfig) -> int:
     return tp_info.get("local", {}).get("num_kv_heads", config.num_kv_heads)
 
 
-def _start_tp(art, executor, cache, geometry, kv_kind, size: int, timeout_s: float):
+def _start_tp(art, runner, cache, geometry, kv_kind, size: int, timeout_s: float):
     """Start ranks 1..size-1 (each builds its cache like this one: same geometry and pages)
-    and make `executor` broadcast every step to them; returns rank 0's journaled cache."""
+    and make `runner` send every step to them; returns rank 0's journaled cache."""
     from xllm_compile.runtime.tp_group import JournaledKVCache, TPGroup
 
     threads = max(1, torch.get_num_threads() // size)
@@ -143,15 +144,16 @@ def _start_tp(art, executor, cache, geometry, kv_kind, size: int, timeout_s: flo
         "threads": threads,
     }
     group = TPGroup(art.path, size, options, timeout_s)
-    for program in executor.programs:
+    for program in runner.programs:
         program_format.bind_group(program, group.group_name)
     journal = JournaledKVCache(cache)
-    executor.attach_tp(group, journal)
+    runner.attach_tp(group, journal)
     return journal
 
 
 def load_rank(path: Path, rank: int, group_name: str, options: dict):
-    """A worker rank's program (bound to `group_name`), weights and KV cache (tp_group.py)."""
+    """A worker rank's runner (its programs bound to `group_name`, its weights) and KV cache
+    (tp_group.py)."""
     art = artifact.open_artifact(path, verify=False)  # rank 0 checked every hash
     entry = art.manifest["tp"]["ranks"][rank]
     gm = _load_program(art, entry["program"], rank)
@@ -163,7 +165,7 @@ def load_rank(path: Path, rank: int, group_name: str, options: dict):
     g["dtype"] = getattr(torch, g["dtype"].removeprefix("torch."))
     memory, page = options["kv_memory"], options["kv_page_size"]
     cache = _make_kv_cache(options["kv_cache"], KVGeometry(**g), "cpu", memory, page)
-    return programs, params, cache
+    return ModelRunner(programs, params, "cpu", cache), cache
 
 
 def _load_variants(art: artifact.Artifact, base, rank: int) -> StepPrograms:

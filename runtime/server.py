@@ -438,8 +438,8 @@ def render_metrics(engine: AsyncEngine) -> str:
         add("kv_pages", "gauge", "Physical KV pages in the pool.", pool.num_pages)
         add("kv_pages_free", "gauge", "Physical KV pages free.", pool.num_free)
         add("kv_page_bytes", "gauge", "Bytes per KV page.", pool.page_size)
-    cache = eng.executor.graph_cache
-    if cache is not None:
+    cache = eng.runner
+    if cache.bucketed:
         s = cache.stats
         add("graph_cache_hits_total", "counter", "Steps run by a cached graph.", s.hits)
         add("graph_cache_misses_total", "counter", "Steps that found no graph.", s.misses)
@@ -449,6 +449,7 @@ def render_metrics(engine: AsyncEngine) -> str:
         add("graph_cache_entries", "gauge", "Graphs held.", len(cache.entries))
         add("graph_cache_bytes", "gauge", "Memory held by the graphs.", cache.nbytes)
         add("graph_cache_arena_bytes", "gauge", "Activation arena mapped.", cache.arena_bytes)
+        add("graph_cache_unbucketed_total", "counter", "Steps no bucket held.", s.unbucketed)
     return "\n".join(lines) + "\n"
 
 

@@ -291,16 +291,18 @@ def _serve_rank(rank: int, art: str, options: dict) -> None:
 
     torch.set_num_threads(options["threads"])
 
-    programs, params, cache = load_rank(Path(art), rank, dist.group.WORLD.group_name, options)
+    runner, cache = load_rank(Path(art), rank, dist.group.WORLD.group_name, options)
     try:
-        _serve_steps(programs, params, cache)
+        _serve_steps(runner, cache)
     except RuntimeError as e:  # rank 0 went away: nothing left to do
         log.debug("rank %d leaves: %s", rank, e)
     finally:
         os._exit(0)  # no interpreter teardown racing the parent's pipes
 
 
-def _serve_steps(programs, params, cache: KVCache) -> None:
+def _serve_steps(runner, cache: KVCache) -> None:
+    """Run rank 0's steps on this rank's runner: the same program variant (picked by the token
+    count) on this rank's weights and KV cache, which the journal keeps in step with rank 0's."""
     header = torch.empty(HEADER, dtype=torch.int64)
     while True:
         dist.broadcast(header, 0)
@@ -314,8 +316,8 @@ def _serve_steps(programs, params, cache: KVCache) -> None:
         inputs = list(body[3 * num_ops :].split(lens))
         kv = cache.tensor if kv_len == 0 else cache.tensor[:, :, :, :kv_len]  # a bucket's view
         try:
-            with torch.inference_mode():  # the program rank 0 picks for this many tokens
-                programs.for_tokens(lens[0])(*params, *inputs, kv)
+            with torch.inference_mode():
+                runner.run_inputs(inputs, kv)
         except Exception as e:  # the same inputs fail rank 0 too, before any collective
             log.warning("a step failed on this rank: %s: %s", type(e).__name__, e)
 

@@ -23,10 +23,10 @@ def prefill_then_decode(engine, prompt: list[int], continuation: list[int]) -> t
     seq = Sequence(list(prompt), SamplingParams())
     seq.slot = engine.kv_cache.allocate(len(prompt) + len(continuation))
     try:
-        rows = [engine.executor.run([seq], engine.kv_cache.tensor, all_logits=True)]
+        rows = [engine.run_step([seq], all_logits=True)]
         for token in continuation:
             seq.output_ids.append(token)
-            rows.append(engine.executor.run([seq], engine.kv_cache.tensor))
+            rows.append(engine.run_step([seq]))
     finally:
         engine.kv_cache.free(seq.slot)
     return torch.cat(rows)

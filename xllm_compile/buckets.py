@@ -116,3 +116,81 @@ def select_variant(table, num_tokens: int) -> str:
         if bound is None or num_tokens <= bound:
             return variant
     return table[-1][1]
+
+
+# -- a step's bucket (the runtime's ModelRunner): keys are ("decode", Bp, Lb) and
+# ("prefill", Tp, Bp, Lb); see runtime/model_runner.py for the padding they imply
+
+
+def decode_key(batch: int, max_seq_len: int, batches, kv_lens) -> tuple | None:
+    """The decode bucket of `batch` one-token sequences, the longest `max_seq_len` long."""
+    bp, lb = bucket_for(batch, batches), bucket_for(max_seq_len, kv_lens)
+    return None if bp is None or lb is None else ("decode", bp, lb)
+
+
+def prefill_key(
+    num_tokens: int, batch: int, max_seq_len: int, tokens, batches, kv_lens
+) -> tuple | None:
+    """The prefill bucket ("prefill", Tp, Bp, Lb) of a step, or None if none holds it. Every
+    padding sequence holds at least one token, and some padding sequence must exist to take
+    the padding tokens: Tp >= T + (Bp - B), and Bp > B whenever Tp > T."""
+    if not tokens:
+        return None
+    lb, bp = bucket_for(max_seq_len, kv_lens), bucket_for(batch, batches)
+    if lb is None or bp is None:
+        return None
+    tp = bucket_for(num_tokens + bp - batch, tokens)
+    if tp is not None and tp > num_tokens and bp == batch:
+        bp = bucket_for(batch + 1, batches)
+        if bp is None:
+            return None
+        tp = bucket_for(num_tokens + bp - batch, tokens)
+    return None if tp is None else ("prefill", tp, bp, lb)
+
+
+def key_sizes(key: tuple) -> tuple[int, ...]:
+    """Lengths of the seven index inputs (trace.INPUT_NAMES) of bucket `key`."""
+    tp, bp = (key[1], key[1]) if key[0] == "decode" else (key[1], key[2])
+    return (tp, tp, tp, bp, bp, bp, bp)
+
+
+def all_keys(batches, kv_lens, tokens, prefill_batches) -> list[tuple]:
+    """Every bucket a step can fall in, largest first (as CUDA-graph capture wants). Prefill
+    buckets pair a token count only with batches up to it and kv lengths up to the kv bucket of
+    that token count (prefills start from an empty cache)."""
+    keys = [("decode", b, lb) for b in reversed(batches) for lb in reversed(kv_lens)]
+    for tp in reversed(tokens):
+        top = bucket_for(tp, kv_lens) or kv_lens[-1]
+        keys += [
+            ("prefill", tp, bp, lb)
+            for bp in reversed(prefill_batches)
+            if bp <= tp
+            for lb in reversed(kv_lens)
+            if lb <= top
+        ]
+    return keys
+
+
+def pad_rows(rows: list[list[int]], key: tuple, pad_slot: int) -> list[int]:
+    """A step's seven index rows padded to bucket `key`, flattened. Padding sequences sit in
+    the scratch slot `pad_slot`, every token at position 0; a decode pad is a one-token
+    sequence, a prefill pads with Bp - B sequences, the last taking the remaining tokens."""
+    ids, positions, token_slots, seq_slots, query_lens, seq_lens, logits_idx = rows
+    tp, bp = key_sizes(key)[2:4]
+    pad_seqs, pad_tokens = bp - len(seq_slots), tp - len(ids)
+    pad_lens = [1] * pad_seqs
+    if pad_seqs:
+        pad_lens[-1] += pad_tokens - pad_seqs
+    ends, end = [], len(ids) - 1
+    for n in pad_lens:
+        end += n
+        ends.append(end)
+    return (
+        [*ids, *[0] * pad_tokens]
+        + [*positions, *[0] * pad_tokens]
+        + [*token_slots, *[pad_slot] * pad_tokens]
+        + [*seq_slots, *[pad_slot] * pad_seqs]
+        + [*query_lens, *pad_lens]
+        + [*seq_lens, *[1] * pad_seqs]
+        + [*logits_idx, *ends]
+    )

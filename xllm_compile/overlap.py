@@ -41,7 +41,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 OVERLAP_PASSES = frozenset({"chunk_allreduce", "microbatch_overlap"})
 # passes from the first of these on run once per variant; those before, once per rank
 TAIL_FROM = ("chunk_allreduce", "microbatch_overlap", "fuse_allreduce_norm", "schedule_collectives")
-SIZES = (1, 16, 128, 512, 2048)  # token counts the cost model measures (up to max_num_tokens)
+SIZES = (1, 16, 128, 512, 1024)  # token counts the cost model measures (up to max_num_tokens)
 MARGIN = 0.03  # a variant must predict 3% less than base to be chosen at a size
 
 
@@ -132,35 +132,32 @@ def sizes_for(max_num_tokens: int) -> list[int]:
     return sorted({*sizes, min(max_num_tokens, max(SIZES))})
 
 
-def step_args(config: ModelConfig, tokens: int, max_len: int, max_num_seqs: int, dtype):
-    """Index inputs and a KV cache for one step of `tokens` tokens: decode-shaped (one token of
-    each of `tokens` sequences, 32 cached) up to max_num_seqs, else prefill-shaped (sequences
-    of up to max_len tokens from an empty cache)."""
+def step_shape(tokens: int, max_len: int, max_num_seqs: int) -> tuple[list[int], int]:
+    """(query lengths, cached tokens each) of a representative step of `tokens` tokens:
+    decode-shaped (one token for each of `tokens` sequences, 31 cached) up to max_num_seqs,
+    else prefill-shaped (sequences of up to max_len tokens from an empty cache)."""
     if tokens <= max_num_seqs:
-        lens, cached = [1] * tokens, min(31, max_len - 1)
-    else:
-        n = math.ceil(tokens / max_len)
-        lens, cached = [tokens // n + (i < tokens % n) for i in range(n)], 0
-    ids = torch.randint(0, config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
-    positions = torch.cat([torch.arange(cached, cached + q) for q in lens])
-    slots = torch.arange(len(lens))
-    query_lens = torch.tensor(lens)
-    kv_len = max(cached + q for q in lens)
+        return [1] * tokens, min(31, max_len - 1)
+    n = math.ceil(tokens / max_len)
+    return [tokens // n + (i < tokens % n) for i in range(n)], 0
+
+
+def step_args(config: ModelConfig, query_lens: list[int], cached: int, dtype) -> list:
+    """The program's index inputs and a zeroed KV cache for one step: sequences of
+    `query_lens` new tokens after `cached` tokens each."""
+    tokens = sum(query_lens)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (tokens,), generator=g)
+    positions = torch.cat([torch.arange(cached, cached + q) for q in query_lens])
+    slots = torch.arange(len(query_lens))
+    lens = torch.tensor(query_lens)
     kv = torch.zeros(
-        (config.num_layers, 2, len(lens), kv_len, config.num_kv_heads, config.head_dim),
+        (config.num_layers, 2, len(query_lens), cached + max(query_lens))
+        + (config.num_kv_heads, config.head_dim),
         dtype=dtype,
     )
-    ends = query_lens.cumsum(0) - 1
-    return [
-        ids,
-        positions,
-        slots.repeat_interleave(query_lens),
-        slots,
-        query_lens,
-        query_lens + cached,
-        ends,
-        kv,
-    ]
+    ends = lens.cumsum(0) - 1
+    return [ids, positions, slots.repeat_interleave(lens), slots, lens, lens + cached, ends, kv]
 
 
 def choose(programs: dict, params: list, config, cfg, max_len: int, profile) -> Choice:
@@ -181,8 +178,10 @@ def choose(programs: dict, params: list, config, cfg, max_len: int, profile) -> 
         for variant, ep in programs.items():
             costs = []
             for tokens in sizes:
-                args = step_args(config, tokens, max_len, cfg.max_num_seqs, cfg.torch_dtype)
-                cost = step_cost(ep.graph_module, [*params, *args], profile.all_reduce_s, reps=2)
+                shape = step_shape(tokens, max_len, cfg.max_num_seqs)
+                args = step_args(config, *shape, cfg.torch_dtype)
+                reps = 2 if tokens < 512 else 1  # a large step's time is stable; and it is long
+                cost = step_cost(ep.graph_module, [*params, *args], profile.all_reduce_s, reps)
                 costs.append(cost.to_dict())
             choice.costs[variant] = costs
     finally:

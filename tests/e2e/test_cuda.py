@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from xllm_compile.runtime import load
-from xllm_compile.runtime.graph_cache import attach_graph_cache
+from xllm_compile.runtime.model_runner import attach_graph_cache
 
 from conftest import compile_cli
 from helpers import hf_greedy, hf_logits, prefill_then_decode, rel_err
@@ -52,7 +52,7 @@ def test_cuda_graphs_over_the_arena(family_models, tmp_path):
     prompts = [PROMPT, PROMPT[:5], PROMPT[3:]]
     eager = load(art).generate(prompts, max_tokens=24, ignore_eos=True)
     engine = load(art, graph_cache=True, max_num_seqs=8)
-    cache = engine.executor.graph_cache
+    cache = engine.runner
     assert cache.use_cuda_graphs and cache.use_arena
     graphed = engine.generate(prompts, max_tokens=24, ignore_eos=True)
     assert [r.token_ids for r in graphed] == [r.token_ids for r in eager]

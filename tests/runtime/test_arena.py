@@ -68,14 +68,14 @@ def _prefill(engine, prompts: list[list[int]]) -> list[Sequence]:
     for prompt in prompts:
         seq = Sequence(list(prompt), SamplingParams())
         seq.slot = engine.kv_cache.allocate(len(prompt) + 4)
-        engine.executor.run([seq], engine.kv_cache.tensor)
+        engine.run_step([seq])
         seq.output_ids.append(prompt[-1] + 1)
         seqs.append(seq)
     return seqs
 
 
 def _inputs(engine, seqs, all_logits: bool = False) -> list[torch.Tensor]:
-    rows = engine.executor.step_rows(seqs, all_logits)
+    rows = engine.runner.step_rows(seqs, all_logits)
     return [torch.tensor(r, dtype=torch.int64) for r in rows]
 
 
@@ -95,7 +95,7 @@ def _same_step(gm, program, params, inputs, kv: torch.Tensor) -> None:
 @pytest.mark.parametrize("family", ["llama3", "llama_linear", "qwen2", "qwen3", "mistral"])
 def test_arena_program_is_bit_identical(family_models, family):
     engine = load(family_models(family)[2], max_num_seqs=4, kv_cache="contiguous")
-    gm, params = engine.executor.graph_module, engine.executor.params
+    gm, params = engine.runner.graph_module, engine.runner.params
     kv = engine.kv_cache.tensor
     arena = make_arena("cpu", capacity=64 << 20, page_size=PAGE)
     try:

@@ -9,14 +9,14 @@ import re
 
 import torch
 
-from xllm_compile.runtime import load
-from xllm_compile.runtime.graph_cache import (
-    attach_graph_cache,
+from xllm_compile.buckets import (
     bucket_for,
     decode_batch_buckets,
     kv_len_buckets,
     prefill_token_buckets,
 )
+from xllm_compile.runtime import load
+from xllm_compile.runtime.model_runner import attach_graph_cache
 
 
 def test_buckets():
@@ -58,7 +58,7 @@ def test_padded_step_equals_unpadded(llama_artifact):
     a = plain.generate(prompts, max_tokens=12, ignore_eos=True)
     b = bucketed.generate(prompts, max_tokens=12, ignore_eos=True)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
-    stats = bucketed.executor.graph_cache.stats
+    stats = bucketed.runner.stats
     assert stats.builds >= 1 and stats.hits > 0
 
 
@@ -121,14 +121,14 @@ def test_logits_of_a_padded_step(llama_artifact):
     kv = engine.kv_cache.tensor
     padded = cache.run_decode(rows, kv)
     inputs = [torch.tensor(r) for r in rows]
-    (unpadded,) = engine.executor.graph_module(*engine.executor.params, *inputs, kv)
+    (unpadded,) = engine.runner.graph_module(*engine.runner.params, *inputs, kv)
     torch.testing.assert_close(padded, unpadded, rtol=1e-6, atol=1e-6)
 
 
 INDUCTOR_RUN = """
 import json, sys
 from xllm_compile.runtime import load
-from xllm_compile.runtime.graph_cache import attach_graph_cache
+from xllm_compile.runtime.model_runner import attach_graph_cache
 engine = load(sys.argv[1], max_num_seqs=2)
 cache = attach_graph_cache(engine, backend="inductor", warmup=True, max_num_seqs=1, prefill=False)
 [out] = engine.generate([[1, 2, 3, 4]], max_tokens=6, ignore_eos=True)
@@ -171,7 +171,7 @@ def test_inductor_buckets_persist_across_processes(family_models, tmp_path):
 
 def test_load_with_graph_cache_keeps_every_slot_for_sequences(llama_artifact):
     engine = load(llama_artifact, max_num_seqs=3, graph_cache=True, warmup=True)
-    cache = engine.executor.graph_cache
+    cache = engine.runner
     assert cache.backend == "eager" and cache.stats.builds == len(cache.entries) > 0
     prompts = [[1, 2], [3, 4, 5], [6]]
     out = engine.generate(prompts, max_tokens=5, ignore_eos=True)  # all three run at once
@@ -202,9 +202,9 @@ def test_compile_time_buckets_reach_the_runtime(family_models, tmp_path, capsys)
         "prefill_tokens": [8, 24],
         "kv_len": [32, 100],
     }
-    cache = load(art, graph_cache=True).executor.graph_cache
+    cache = load(art, graph_cache=True).runner
     assert cache.batch_buckets == (1, 3, 6) and cache.kv_buckets == (32, 100)
-    assert load(art, graph_cache="inductor").executor.graph_cache.prefill_buckets == (8, 24)
+    assert load(art, graph_cache="inductor").runner.prefill_buckets == (8, 24)
     assert main(["inspect", str(art)]) == 0
     assert re.search(r"buckets decode_batch\s+1,3,6\n", capsys.readouterr().out)
     assert main(["compile", str(model_dir), "--out", str(tmp_path / "b"), "--buckets", "x=1"]) == 2
@@ -219,7 +219,7 @@ def _prefill_rows(engine, prompts):
         seq = Sequence(p, SamplingParams())
         seq.slot = engine.kv_cache.allocate(len(p))
         seqs.append(seq)
-    return engine.executor.step_rows(seqs)
+    return engine.runner.step_rows(seqs)
 
 
 def test_logits_of_a_padded_prefill(llama_artifact):
@@ -228,10 +228,10 @@ def test_logits_of_a_padded_prefill(llama_artifact):
     cache = attach_graph_cache(engine, prefill=True)
     rows = _prefill_rows(engine, [[5, 9, 11, 4, 4], [3, 4, 2, 8, 9, 10, 11], [7, 7]])
     kv = engine.kv_cache.tensor
-    padded = cache.run(rows, kv)
+    padded = cache.run_rows(rows, kv)
     assert list(cache.entries) == [("prefill", 16, 4, 64)]  # 14 tokens + 1 pad seq, 3 + 1 seqs
     inputs = [torch.tensor(r) for r in rows]
-    (unpadded,) = engine.executor.graph_module(*engine.executor.params, *inputs, kv)
+    (unpadded,) = engine.runner.graph_module(*engine.runner.params, *inputs, kv)
     assert padded.shape == unpadded.shape == (3, unpadded.shape[1])
     torch.testing.assert_close(padded, unpadded, rtol=1e-5, atol=1e-5)
 
@@ -254,7 +254,7 @@ def test_thousand_random_prefill_and_decode_steps_after_warmup(llama_artifact):
 def test_engine_warmup_builds_every_bucket(llama_artifact):
     engine = load(llama_artifact, max_num_seqs=2, graph_cache="eager")
     engine.warmup()
-    cache = engine.executor.graph_cache
+    cache = engine.runner
     assert (
         cache.stats.builds == len(cache.keys()) == len(cache.batch_buckets) * len(cache.kv_buckets)
     )

@@ -14,10 +14,10 @@ import torch
 from tests.conftest import compile_cli
 from tests.runtime.test_graph_cache import _prefill_rows, random_steps
 from xllm_compile import arena_plans, artifact
-from xllm_compile.buckets import step_shapes
+from xllm_compile.buckets import key_sizes, step_shapes
 from xllm_compile.errors import ArtifactError, ConfigError
 from xllm_compile.runtime import load
-from xllm_compile.runtime.graph_cache import attach_graph_cache
+from xllm_compile.runtime.model_runner import attach_graph_cache
 from xllm_compile.trace import INPUT_NAMES
 
 PREFILL = {"prefill_tokens": [16, 64, 128]}
@@ -27,7 +27,7 @@ def _plans(art_dir):
     art = artifact.open_artifact(art_dir)
     engine = load(art_dir)
     text = art.file(arena_plans.FILE).read_text()
-    return art.manifest, arena_plans.loads(text, engine.executor.graph_module.graph), engine
+    return art.manifest, arena_plans.loads(text, engine.runner.graph_module.graph), engine
 
 
 def _in_arena(t: torch.Tensor, cache) -> bool:
@@ -39,7 +39,7 @@ def test_artifact_holds_a_plan_for_every_bucket_shape(llama_artifact):
     manifest, plans, engine = _plans(llama_artifact)
     assert manifest["arena_plans"] == {"file": arena_plans.FILE, "plans": len(plans)}
     assert arena_plans.FILE in manifest["files"]  # hashed like every file of the artifact
-    ex = engine.executor
+    ex = engine.runner
     first = len(ex.params)  # placeholders: the weights, the seven index inputs, the KV cache
     token_inputs = {first + INPUT_NAMES.index(n) for n in ("input_ids", "logits_indices")}
     shapes = step_shapes(manifest["buckets"], manifest["limits"]["max_num_seqs"])
@@ -72,19 +72,19 @@ def test_padded_steps_over_the_arena_equal_the_plain_program(llama_artifact):
     cache = attach_graph_cache(engine, prefill=True, buckets=buckets, arena_plans=plans, arena=True)
     kv = engine.kv_cache.tensor
     rows = _prefill_rows(engine, [[5, 9, 11, 4, 4], [3, 4, 2, 8, 9, 10, 11], [7, 7]])
-    padded = cache.run(rows, kv).clone()
+    padded = cache.run_rows(rows, kv).clone()
     inputs = [torch.tensor(r) for r in rows]
-    (unpadded,) = engine.executor.graph_module(*engine.executor.params, *inputs, kv)
+    (unpadded,) = engine.runner.graph_module(*engine.runner.params, *inputs, kv)
     torch.testing.assert_close(padded, unpadded, rtol=1e-5, atol=1e-5)
     entry = cache.entries[("prefill", 16, 4, 64)]
     assert _in_arena(entry.buffer, cache) and cache.stats.arena_programs == 1
     # a decode step of the same three sequences
     slots = rows[3]
     seqs_rows = [[1, 2, 3], [5, 7, 2], slots, slots, [1, 1, 1], [6, 8, 3], [0, 1, 2]]
-    logits = cache.run(seqs_rows, kv)
+    logits = cache.run_rows(seqs_rows, kv)
     assert _in_arena(logits, cache)  # the static output is an arena view
-    (plain,) = engine.executor.graph_module(
-        *engine.executor.params, *[torch.tensor(r) for r in seqs_rows], kv
+    (plain,) = engine.runner.graph_module(
+        *engine.runner.params, *[torch.tensor(r) for r in seqs_rows], kv
     )
     torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
     # both buckets share one input region at the arena's start
@@ -107,10 +107,10 @@ def test_thousand_random_steps_over_the_arena(llama_artifact):
     cache.warmup(bucketed.kv_cache.tensor)
     built = cache.stats.builds
     assert built == len(cache.keys()) == cache.stats.arena_programs  # every bucket has a plan
-    kv, params = bucketed.kv_cache.tensor, bucketed.executor.params
+    kv, params = bucketed.kv_cache.tensor, bucketed.runner.params
     biggest = 0
     for key in cache.keys():
-        meta = [torch.empty(n, dtype=torch.int64, device="meta") for n in cache._sizes(key)]
+        meta = [torch.empty(n, dtype=torch.int64, device="meta") for n in key_sizes(key)]
         plan = arena_plans.find_plan(plans, [*params, *meta, kv[:, :, :, : key[-1]]])
         biggest = max(biggest, plan.arena_bytes)
     page = cache.arena.pool.page_size
@@ -123,7 +123,7 @@ def test_thousand_random_steps_over_the_arena(llama_artifact):
 
 def test_load_runs_the_arena_from_the_artifact(llama_artifact):
     engine = load(llama_artifact, max_num_seqs=4, graph_cache="eager", arena=True)
-    cache = engine.executor.graph_cache
+    cache = engine.runner
     assert cache.use_arena and cache.plans
     plain = load(llama_artifact, max_num_seqs=4)
     prompts = [[4, 8, 15, 16], [23, 42]]
@@ -132,7 +132,7 @@ def test_load_runs_the_arena_from_the_artifact(llama_artifact):
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     assert cache.stats.arena_programs == cache.stats.builds >= 1 and cache.arena_bytes > 0
     # eager without asking: no arena (on CPU it buys memory, not speed); inductor plans its own
-    assert not load(llama_artifact, graph_cache="eager").executor.graph_cache.use_arena
+    assert not load(llama_artifact, graph_cache="eager").runner.use_arena
     with pytest.raises(ConfigError, match="Inductor"):
         load(llama_artifact, graph_cache="inductor", arena=True)
     with pytest.raises(ConfigError, match="graph cache"):
@@ -164,7 +164,7 @@ def test_plans_for_another_program_are_refused(llama_artifact, tmp_path, caplog)
     with pytest.raises(ConfigError, match="no usable arena plans"):
         load(art, graph_cache="eager", arena=True)
     assert "made for another program" in caplog.text  # the log says why
-    assert not load(art, graph_cache="eager").executor.graph_cache.use_arena  # still serves
+    assert not load(art, graph_cache="eager").runner.use_arena  # still serves
     # tampering without re-hashing is caught by the manifest like any other file
     (art / arena_plans.FILE).write_text("{}")
     with pytest.raises(ArtifactError, match="arena_plans.json"):
@@ -172,7 +172,7 @@ def test_plans_for_another_program_are_refused(llama_artifact, tmp_path, caplog)
 
 
 def test_malformed_plans_name_the_file(llama_artifact):
-    graph = load(llama_artifact).executor.graph_module.graph
+    graph = load(llama_artifact).runner.graph_module.graph
     fingerprint = arena_plans.graph_fingerprint(graph)
     bad = [
         "not json",
@@ -205,7 +205,7 @@ def test_an_artifact_without_plans_still_serves(family_models, tmp_path):
     shutil.copytree(family_models("qwen2")[2], art)
     _rewrite(art, arena_plans.FILE, None)
     engine = load(art, graph_cache="eager")
-    assert not engine.executor.graph_cache.use_arena
+    assert not engine.runner.use_arena
     assert engine.generate([[1, 2, 3]], max_tokens=3, ignore_eos=True)[0].token_ids
     with pytest.raises(ConfigError, match="no usable arena plans"):
         load(art, graph_cache="eager", arena=True)

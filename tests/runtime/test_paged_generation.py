@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from xllm_compile.runtime import load
-from xllm_compile.runtime.graph_cache import attach_graph_cache
 from xllm_compile.runtime.kv_cache import ContiguousKVCache
+from xllm_compile.runtime.model_runner import attach_graph_cache
 from xllm_compile.runtime.page_pool import make_page_pool
 from xllm_compile.runtime.paged_kv_cache import PagedKVCache
 

@@ -78,7 +78,8 @@ def test_tp2_matches_tp1(family, variant, tp_artifacts):
     if variant == "microbatch":  # each layer's two all-reduces, in two halves
         assert log["microbatch_overlap"]["stats"]["matches"] == row_parallel
     # --overlap auto unless the pipeline names an overlap pass itself
-    assert ("overlap_choice" in log) == (manifest["overlap"] is not None) == (variant == "default")
+    auto = variant in ("default", "fused-norm")
+    assert ("overlap_choice" in log) == (manifest["overlap"] is not None) == auto
     one = load(art1)
     with load(art2) as two:
         want = one.generate(PROMPTS, max_tokens=32, ignore_eos=True)
@@ -86,7 +87,7 @@ def test_tp2_matches_tp1(family, variant, tp_artifacts):
         assert [c.token_ids for c in got] == [c.token_ids for c in want]
         ref = prefill_then_decode(one, PROMPTS[0], want[0].token_ids[:6])
         assert rel_err(prefill_then_decode(two, PROMPTS[0], want[0].token_ids[:6]), ref) < 1e-4
-        procs = two.executor.tp_group.procs
+        procs = two.runner.tp_group.procs
     assert all(p.poll() is not None for p in procs)  # close() stopped the worker
 
 
@@ -122,7 +123,7 @@ def test_long_prefill_with_overlap_matches_tp1(variant, long_artifacts):
         [got] = two.generate([prompt], max_tokens=8, ignore_eos=True)
         assert got.token_ids == want.token_ids
         assert rel_err(prefill_then_decode(two, prompt, want.token_ids[:4]), ref) < 1e-4
-        programs = two.executor.programs
+        programs = two.runner.programs
         if variant == "auto":  # the long prefill ran the program the table names for it
             assert programs.runs[programs.variant_for(LONG)] >= 2
             assert programs.runs["base"] >= 8  # the decode steps
@@ -170,8 +171,8 @@ def test_cli_generate_and_inspect(tp_artifacts):
 def test_a_killed_worker_fails_requests_clearly(tp_artifacts):
     _, art2 = tp_artifacts("llama3")
     with load(art2, tp_timeout_s=5) as engine:
-        engine.executor.tp_group.procs[0].kill()
-        engine.executor.tp_group.procs[0].wait()
+        engine.runner.tp_group.procs[0].kill()
+        engine.runner.tp_group.procs[0].wait()
         [done] = engine.generate([PROMPTS[0]], max_tokens=4)
         assert done.finish_reason == "error" and "rank 1 exited" in done.error
         assert not engine.is_healthy
@@ -181,7 +182,7 @@ def test_a_hung_worker_is_stopped_by_the_watchdog(tp_artifacts):
     _, art2 = tp_artifacts("llama3")
     with load(art2, tp_timeout_s=2) as engine:
         engine.generate([PROMPTS[1]], max_tokens=2)  # healthy first
-        os.kill(engine.executor.tp_group.procs[0].pid, signal.SIGSTOP)
+        os.kill(engine.runner.tp_group.procs[0].pid, signal.SIGSTOP)
         [done] = engine.generate([PROMPTS[0]], max_tokens=4)
         assert done.finish_reason == "error" and "did not answer within 2 s" in done.error
         assert not engine.is_healthy
@@ -191,7 +192,7 @@ def test_no_orphan_after_rank_0_is_killed(tp_artifacts):
     _, art2 = tp_artifacts("llama3")
     script = (
         "import sys, time; from xllm_compile.runtime import load; e = load(sys.argv[1]); "
-        "print(' '.join(str(p.pid) for p in e.executor.tp_group.procs), flush=True); "
+        "print(' '.join(str(p.pid) for p in e.runner.tp_group.procs), flush=True); "
         "time.sleep(600)"
     )
     rank0 = subprocess.Popen(
@@ -239,8 +240,8 @@ def test_server_over_a_tp_artifact(tp_artifacts):
         assert got == want
         with httpx.Client(base_url=srv.url) as c:
             assert c.get("/health").status_code == 200
-            srv.engine.engine.executor.tp_group.procs[0].kill()
-            srv.engine.engine.executor.tp_group.procs[0].wait()
+            srv.engine.engine.runner.tp_group.procs[0].kill()
+            srv.engine.engine.runner.tp_group.procs[0].wait()
             r = c.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 2})
             assert r.status_code == 500 and "rank 1 exited" in r.json()["error"]["message"]
             assert c.get("/health").status_code == 503

@@ -37,7 +37,7 @@ def step_inputs(engine, batch: int, tokens: int, context: int) -> tuple[list, li
         seq.slot = engine.kv_cache.allocate(context + tokens + 1)
         seq.num_cached = context  # positions [0, context) count as cached (their KV is zeros)
         seqs.append(seq)
-    rows = engine.executor.step_rows(seqs)
+    rows = engine.runner.step_rows(seqs)
     return [torch.tensor(r, dtype=torch.int64) for r in rows], [s.slot for s in seqs]
 
 
@@ -57,7 +57,7 @@ def compare(gm, program, params, inputs, kv, rounds: int) -> tuple[float, float]
 
 
 def bench_case(engine, arena, name: str, batch: int, tokens: int, context: int, rounds: int):
-    gm, params = engine.executor.graph_module, engine.executor.params
+    gm, params = engine.runner.graph_module, engine.runner.params
     inputs, slots = step_inputs(engine, batch, tokens, context)
     kv = engine.kv_cache.tensor
     start = time.perf_counter()

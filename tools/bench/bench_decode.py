@@ -149,7 +149,7 @@ def time_decode(engine, seqs: list[Sequence], logits: torch.Tensor, steps: int) 
             seq.output_ids.append(token)
         _sync()
         start = time.perf_counter()
-        logits = engine.executor.run(seqs, engine.kv_cache.tensor)
+        logits = engine.run_step(seqs)
         _sync()
         times.append(time.perf_counter() - start)
     return times
@@ -160,11 +160,11 @@ def bench_xllm(art: Path, batch, prompt_len, steps, graphs: bool) -> tuple[float
     """(prefill tokens/s, decode ms/step) of the artifact: one ragged prefill, then decode steps
     (through the graph cache when `graphs`: CUDA graphs on GPU)."""
     engine = load(art, max_num_seqs=batch, graph_cache=graphs, warmup=graphs)
-    cache = engine.executor.graph_cache
+    cache = engine.runner
     vocab = engine.manifest["model"]["config"]["vocab_size"]
     warm = Sequence(torch.randint(3, vocab, (8,)).tolist(), SamplingParams())
     warm.slot = engine.kv_cache.allocate(8)
-    engine.executor.run([warm], engine.kv_cache.tensor)
+    engine.run_step([warm])
     engine.kv_cache.free(warm.slot)
     seqs = [
         Sequence(torch.randint(3, vocab, (prompt_len,)).tolist(), SamplingParams())
@@ -176,7 +176,7 @@ def bench_xllm(art: Path, batch, prompt_len, steps, graphs: bool) -> tuple[float
 
     def prefill():
         nonlocal logits
-        logits = engine.executor.run(seqs, engine.kv_cache.tensor)
+        logits = engine.run_step(seqs)
 
     t_prefill = _timed(prefill)
     times = time_decode(engine, seqs, logits, steps)

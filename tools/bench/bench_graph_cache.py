@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from xllm_compile.artifact import open_artifact
+from xllm_compile.buckets import pad_rows
 from xllm_compile.runtime import load
-from xllm_compile.runtime.graph_cache import attach_graph_cache
 from xllm_compile.runtime.loader import read_arena_plans
+from xllm_compile.runtime.model_runner import attach_graph_cache
 from xllm_compile.runtime.sampler import SamplingParams
 from xllm_compile.runtime.sequence import Sequence
 from xllm_compile.tools.bench.bench_decode import (
@@ -36,7 +37,7 @@ def decode_ms(engine, batch: int, prompt_len: int, steps: int) -> float:
     seqs = [Sequence(list(range(3, 3 + prompt_len)), SamplingParams()) for _ in range(batch)]
     for seq in seqs:
         seq.slot = engine.kv_cache.allocate(prompt_len + steps + 1)
-    times = time_decode(engine, seqs, engine.executor.run(seqs, engine.kv_cache.tensor), steps)
+    times = time_decode(engine, seqs, engine.run_step(seqs), steps)
     for seq in seqs:
         engine.kv_cache.free(seq.slot)
     return 1000 * statistics.median(times[2:] or times)
@@ -58,7 +59,8 @@ def dispatch_us(cache, batch: int, n: int = 2000) -> float:
     start = time.perf_counter()
     for _ in range(n):
         cache.key_for(batch, max(rows[5]))
-        entry.buffer.copy_(cache._pad(rows, key), non_blocking=True)
+        padded = torch.tensor(pad_rows(rows, key, cache.pad_slot), dtype=torch.int64)
+        entry.buffer.copy_(padded, non_blocking=True)
     return 1e6 * (time.perf_counter() - start) / n
 
 
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                 max_num_seqs=max(args.batch),
                 backend=backend,
                 buckets=engine.manifest.get("buckets"),
-                arena_plans=read_arena_plans(open_artifact(art), engine.executor.graph_module)
+                arena_plans=read_arena_plans(open_artifact(art), engine.runner.graph_module)
                 if arena
                 else None,
                 arena=arena,

@@ -156,16 +156,16 @@ def decode_ms(engine, batch: int, context: int, steps: int) -> float:
     ]
     for seq in seqs:
         seq.slot = engine.kv_cache.allocate(context)
-    logits = engine.executor.run(seqs, engine.kv_cache.tensor)
+    logits = engine.run_step(seqs)
     times = []
     for _ in range(steps):
         for seq, token in zip(seqs, logits.argmax(-1).tolist(), strict=True):
             seq.output_ids.append(token)
             assert engine.kv_cache.grow(seq.slot, seq.num_tokens)
-        _sync(engine.executor.device.type)
+        _sync(engine.runner.device.type)
         start = time.perf_counter()
-        logits = engine.executor.run(seqs, engine.kv_cache.tensor)
-        _sync(engine.executor.device.type)
+        logits = engine.run_step(seqs)
+        _sync(engine.runner.device.type)
         times.append(time.perf_counter() - start)
     for seq in seqs:
         engine.kv_cache.free(seq.slot)

@@ -1,13 +1,20 @@
-"""Tensor-parallel step time on this machine: TP=1 against TP=2, and TP=2 with the chunked
-matmul + all-reduce (scheduled so each chunk's collective runs while the next chunk computes),
-decode and prefill, same weights, same run; with the measured time of the step's all-reduces
-(a 2-process gloo group timing all_reduce of the same sizes) and the share of it hidden.
+"""Tensor-parallel step time on this machine, each overlap of compute and communication
+against none, measured and predicted, decode and prefill, same weights, same run:
 
-    python -m xllm_compile.tools.bench.bench_tp --gguf "$(xllm pull smollm2)"
+    tp1          one process
+    none         --tp N --overlap none (schedule_collectives alone)
+    chunk        --tp N --passes +chunk_allreduce (every step)
+    microbatch   --tp N --passes +microbatch_overlap (every step)
+    auto         --tp N (the default: the cost model's program per step size)
+
+    python -m xllm_compile.tools.bench.bench_tp --gguf "$(xllm pull smollm2)" --tp 3
     python -m xllm_compile.tools.bench.bench_tp --preset qwen2.5-0.5b --batch 1 8 --prompt-len 256
 
-Hidden share = (TP=2 step - TP=2 chunked step) / communication time: what the overlap won back
-of the time the collectives take. No cost model predicts these yet (the issue's next step).
+Per step shape: the measured median, the cost model's prediction for the same program and
+shape (passes/cost_model.py: the rank-0 program's nodes timed here on a one-rank group, the
+all-reduces from an all-reduce profile measured in this run, plus the step's input broadcast
+priced from the same profile), the communication time (the
+profile's time for the step's all-reduces) and the share of it hidden: (none - variant) / comm.
 """
 
 from __future__ import annotations
@@ -15,66 +22,72 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from xllm_compile import comm_profile, overlap, program_format
+from xllm_compile.compiler import one_rank_group
+from xllm_compile.config import ModelConfig
+from xllm_compile.passes.cost_model import step_cost
 from xllm_compile.runtime import load
 from xllm_compile.runtime.sampler import SamplingParams
 from xllm_compile.runtime.sequence import Sequence
 from xllm_compile.tools.bench.bench_decode import PRESETS, _timed, compile_for_bench, make_preset
 
-VARIANTS = ("tp1", "tpN", "tpN+chunks")
+VARIANTS = ("tp1", "none", "chunk", "microbatch", "auto")
 
 
 def variant_args(name: str, tp: int) -> tuple[str, ...]:
+    n = ("--tp", str(tp))
     return {
         "tp1": (),
-        "tpN": ("--tp", str(tp)),
-        "tpN+chunks": ("--tp", str(tp), "--passes", "+chunk_allreduce"),
+        "none": (*n, "--overlap", "none"),
+        "chunk": (*n, "--passes", "+chunk_allreduce"),
+        "microbatch": (*n, "--passes", "+microbatch_overlap"),
+        "auto": n,
     }[name]
 
 
-ALL_REDUCE_TIMER = """
-import json, statistics, sys, time, torch, torch.distributed as dist
-rank, port, world, threads = (int(a) for a in sys.argv[1:5])
-sizes = json.loads(sys.argv[5])
-torch.set_num_threads(threads)
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-out = {}
-for n in sizes:
-    x = torch.randn(n)
-    for _ in range(5):
-        dist.all_reduce(x)
-    times = []
-    for _ in range(50):
-        start = time.perf_counter(); dist.all_reduce(x); times.append(time.perf_counter() - start)
-    out[n] = 1e3 * statistics.median(times)
-if rank == 0:
-    print(json.dumps(out))
-dist.destroy_process_group()
-"""
+def predict(art: Path, query_lens: list[int], cached: int, profile) -> dict:
+    """The cost model's StepCost of rank 0's program for this step (the program the runtime
+    picks for its token count), as a dict."""
+    from safetensors.torch import load_file
+
+    manifest = json.loads((art / "manifest.json").read_text())
+    config = ModelConfig.from_dict(manifest["model"]["config"])
+    local = manifest["tp"]["local"]
+    config = ModelConfig.from_dict({**config.to_dict(), **local})
+    table = (manifest.get("overlap") or {}).get("select")
+    variant = overlap_variant(table, sum(query_lens)) if table else "single"
+    name = "program.json" if variant in ("base", "single") else overlap.variant_file(variant, 0)
+    gm = program_format.load(art / name)
+    weights = load_file(str(art / "weights.safetensors"))
+    params = [weights[n] for n in manifest["program"]["params"]]
+    dtype = next(iter(weights.values())).dtype
+    args = overlap.step_args(config, query_lens, cached, dtype)
+    with one_rank_group() as group:
+        program_format.bind_group(gm, group)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // manifest["tp"]["size"]))
+        try:
+            cost = step_cost(gm, [*params, *args], profile.all_reduce_s, reps=2)
+        finally:
+            torch.set_num_threads(threads)
+    # rank 0 broadcasts each step's header and inputs (runtime/tp_group.py): the same for every
+    # variant, so the compiler's choice leaves it out; a prediction of the step includes it
+    inputs = 8 * (3 * sum(query_lens) + 4 * len(query_lens))
+    broadcast_ms = 1e3 * (profile.all_reduce_s(80) + profile.all_reduce_s(inputs))
+    out = cost.to_dict()
+    out["predicted_ms"] += broadcast_ms
+    return {"variant": variant, **out, "broadcast_ms": broadcast_ms}
 
 
-def all_reduce_ms(numels: list[int], world: int, threads: int) -> dict[int, float]:
-    """Median ms of one gloo all_reduce of each size (fp32 elements) among `world` processes."""
-    from xllm_compile.runtime.tp_group import free_port
+def overlap_variant(table, tokens: int) -> str:
+    from xllm_compile.buckets import select_variant
 
-    port, sizes = free_port(), json.dumps(numels)
-    cmd = [sys.executable, "-c", ALL_REDUCE_TIMER]
-    procs = [
-        subprocess.Popen(
-            [*cmd, str(r), str(port), str(world), str(threads), sizes], stdout=subprocess.PIPE
-        )
-        for r in range(world)
-    ]
-    out = procs[0].communicate(timeout=300)[0]
-    for proc in procs[1:]:
-        proc.wait(timeout=60)
-    return {int(k): v for k, v in json.loads(out).items()}
+    return select_variant(table, tokens)
 
 
 @torch.inference_mode()
@@ -93,7 +106,7 @@ def time_steps(art: Path, batch: int, prompt_len: int, steps: int) -> tuple[floa
             state = {"seqs": seqs}
 
             def step(state=state):
-                state["logits"] = engine.executor.run(state["seqs"], engine.kv_cache.tensor)
+                state["logits"] = engine.run_step(state["seqs"])
 
             prefills.append(_timed(step))
             for _ in range(steps):
@@ -116,7 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-len", type=int, default=128, dest="prompt_len")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--tp", type=int, default=2, help="ranks (SmolLM2's 9 heads: 3)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     args = p.parse_args(argv)
+    names = ["tp1", "none", *(v for v in args.variants if v not in ("tp1", "none"))]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.gguf:
@@ -124,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             model_dir = Path(args.model) if args.model else make_preset(args.preset, tmp / "m")
         max_len = args.prompt_len + 4 * args.steps + 16
+        profile = comm_profile.measure(args.tp)  # this run's all-reduce times
         arts = {
             name: compile_for_bench(
                 model_dir,
@@ -132,28 +148,48 @@ def main(argv: list[str] | None = None) -> None:
                 max_len,
                 max(args.batch),
                 *variant_args(name, args.tp),
+                *(("--comm-profile", str(_save(profile, tmp))) if name == "auto" else ()),
             )
-            for name in VARIANTS
+            for name in names
         }
         config = json.loads((arts["tp1"] / "manifest.json").read_text())["model"]["config"]
-        hidden, layers = config["hidden_size"], config["num_layers"]
-        threads = max(1, torch.get_num_threads() // args.tp)
-        print(f"model: {model_dir.name}, {layers} layers, hidden {hidden}, {args.dtype}")
+        print(
+            f"model: {model_dir.name}, {config['num_layers']} layers, hidden "
+            f"{config['hidden_size']}, {args.dtype}, tp {args.tp}, {torch.get_num_threads()} "
+            f"threads; all-reduce (gloo, this run): "
+            + ", ".join(f"{b // 1024} KiB {1e3 * t:.2f} ms" for b, t in profile.points[::2])
+        )
         for batch in args.batch:
-            numels = [batch * args.prompt_len * hidden, batch * hidden]
-            comm = all_reduce_ms(numels, args.tp, threads)
-            results = {
+            measured = {
                 n: time_steps(a, batch, args.prompt_len, args.steps) for n, a in arts.items()
             }
-            for phase, i, numel in (("prefill", 0, numels[0]), ("decode", 1, numels[1])):
-                comm_ms = 2 * layers * comm[numel]  # o_proj and down_proj of every layer
-                base, tp2, chunked = (results[n][i] for n in VARIANTS)
-                hidden_share = (tp2 - chunked) / comm_ms if comm_ms else 0.0
+            shapes = {
+                "prefill": ([args.prompt_len] * batch, 0),
+                "decode": ([1] * batch, args.prompt_len),
+            }
+            for i, (phase, (lens, cached)) in enumerate(shapes.items()):
+                preds = {n: predict(arts[n], lens, cached, profile) for n in names if n != "tp1"}
+                comm = preds["none"]["comm_ms"]
+                base = measured["none"][i]
                 print(
-                    f"  B={batch:<3} {phase:<7} tp1 {base:8.2f} ms  tp{args.tp} {tp2:8.2f} ms "
-                    f"({tp2 / base:4.2f}x)  +chunks {chunked:8.2f} ms ({chunked / tp2:4.2f}x)  "
-                    f"all-reduce {comm_ms:7.2f} ms/step, hidden {100 * hidden_share:5.1f}%"
+                    f"  B={batch:<3} {phase:<7} tp1 {measured['tp1'][i]:8.2f} ms   "
+                    f"all-reduce {comm:6.2f} ms/step"
                 )
+                for n in names[1:]:
+                    got, pred = measured[n][i], preds[n]
+                    hidden = (base - got) / comm if comm and n != "none" else 0.0
+                    print(
+                        f"      {n:<10} {pred['variant']:<10} measured {got:8.2f} ms "
+                        f"({got / base:4.2f}x none)  predicted {pred['predicted_ms']:8.2f} ms "
+                        f"({pred['predicted_ms'] / got:4.2f}x measured)  exposed comm "
+                        f"{pred['exposed_comm_ms']:6.2f} ms  hidden {100 * hidden:6.1f}%"
+                    )
+
+
+def _save(profile, tmp: Path) -> Path:
+    path = tmp / "comm.json"
+    path.write_text(json.dumps(profile.to_dict()))
+    return path
 
 
 if __name__ == "__main__":

@@ -1,0 +1,140 @@
+"""How the ModelRunner (runtime/model_runner.py) turns one shape bucket into something to call:
+one small builder per backend behind one protocol, `build(entry, kv_view, call)`, which fills
+the entry the runner made (its static input buffer, its program) with what a step of the bucket
+calls or replays.
+
+  - eager: the program itself, on the padded bucket-shaped inputs (the CPU default: the twin
+    of the CUDA path, carrying the tests);
+  - inductor: the program compiled by Inductor for the bucket's static shapes (one compiled
+    function per program variant, recompiled per bucket; Inductor's on-disk cache, under
+    ~/.cache/xllm_compile/inductor, lets a second process skip the compile);
+  - cuda_graph: the program (or its arena program) captured into a CUDA graph over the entry's
+    static buffers, replayed after the step's inputs are copied in; all graphs share one
+    memory pool, since one runs at a time.
+
+The activation arena (an option of the runner, not a builder) changes what the entry's program
+is (its arena program) and where its buffer lives; any builder but Inductor then applies.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+BACKENDS = ("cuda_graph", "eager", "inductor")
+
+
+@dataclass
+class Entry:
+    """One bucket's executable."""
+
+    buffer: torch.Tensor  # int64 static buffer holding the program's seven index inputs
+    # (a view of the arena's input region when the entry runs over the arena)
+    args: list[torch.Tensor]  # its seven views, in trace.INPUT_NAMES order
+    output: torch.Tensor | None = None  # [Bp, V] static logits (CUDA graphs)
+    graph: torch.cuda.CUDAGraph | None = None
+    fn: object = None  # the Inductor-compiled or arena program, else None: the program itself
+    program: object = None  # the program (variant) of the bucket's token count
+    variant: str = "base"
+    uses: int = field(default=0)
+    nbytes: int = 0  # device memory this entry holds: static buffers, captured graph's memory
+
+    @property
+    def callable(self):
+        """What a step of this bucket calls: the compiled or arena program, else the program."""
+        return self.program if self.fn is None else self.fn
+
+
+class Call(Protocol):
+    def __call__(self, args: list[torch.Tensor], kv_view: torch.Tensor, fn) -> torch.Tensor: ...
+
+
+class StepBuilder(Protocol):
+    name: str
+
+    def build(self, entry: Entry, kv_view: torch.Tensor, call: Call) -> None:
+        """Make `entry` ready to run (compile, capture...); `call(args, kv_view, fn)` runs a
+        program on the runner's weights."""
+
+
+class EagerBuilder:
+    name = "eager"
+
+    def build(self, entry: Entry, kv_view: torch.Tensor, call: Call) -> None:
+        return None  # the entry calls its program
+
+
+def inductor_cache_dir() -> str:
+    """Where Inductor keeps compiled graphs across processes (unless TORCHINDUCTOR_CACHE_DIR)."""
+    root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    return os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR", os.path.join(root, "xllm_compile", "inductor")
+    )
+
+
+class InductorBuilder:
+    name = "inductor"
+
+    def __init__(self, stats, num_keys: int) -> None:
+        self.stats, self.num_keys = stats, num_keys
+        self._compiled: dict[str, object] = {}  # variant -> torch.compile'd program
+
+    def build(self, entry: Entry, kv_view: torch.Tensor, call: Call) -> None:
+        """Inductor-compile the entry's program for the bucket's static shapes (compiled on
+        this first call)."""
+        import torch._dynamo
+
+        inductor_cache_dir()
+        if entry.variant not in self._compiled:
+            self._compiled[entry.variant] = torch.compile(entry.program, dynamic=False)
+        compiled = self._compiled[entry.variant]
+        hits, misses = _inductor_counters()
+        # One compiled artifact per bucket: lift dynamo's per-function recompile limit (8) to
+        # the number of buckets for the duration of the build.
+        limit = self.num_keys + 8
+        with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=limit):
+            with torch.inference_mode():
+                call(entry.args, kv_view, compiled)
+        new_hits, new_misses = _inductor_counters()
+        self.stats.compile_cache_hits += new_hits - hits
+        self.stats.compile_cache_misses += new_misses - misses
+        entry.fn = compiled
+
+
+def _inductor_counters() -> tuple[int, int]:
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+
+class CudaGraphBuilder:
+    name = "cuda_graph"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()  # shared: one graph runs at a time
+
+    def build(self, entry: Entry, kv_view: torch.Tensor, call: Call) -> None:
+        reserved = torch.cuda.memory_reserved(self.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):  # warm up kernels and allocator outside the capture
+                call(entry.args, kv_view, entry.callable)
+        torch.cuda.current_stream().wait_stream(stream)
+        entry.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(entry.graph, pool=self.pool):
+            entry.output = call(entry.args, kv_view, entry.callable)
+        # the graph's private memory (shared pool: what this capture added to it)
+        entry.nbytes += max(0, torch.cuda.memory_reserved(self.device) - reserved)
+
+
+def make_builder(backend: str, device: torch.device, stats, num_keys: int) -> StepBuilder:
+    if backend == "cuda_graph":
+        return CudaGraphBuilder(device)
+    if backend == "inductor":
+        return InductorBuilder(stats, num_keys)
+    return EagerBuilder()
