@@ -38,10 +38,30 @@ from typing import Any
 import torch
 from torch import fx
 
-from xllm_compile.arena_plans import Arg, OutCall  # the artifact's format: shared with the runtime
 from xllm_compile.passes.graph_utils import buffer_liveness, storage_groups
 
 ALIGNMENT = 64  # bytes: a cache line, and more than any dtype or vector load needs
+
+
+@dataclass(frozen=True)
+class Arg:
+    """In `OutCall.args`: the node's positional argument `index`."""
+
+    index: int
+    is_arg = True  # how the artifact's format (arena_plans.StoredPlan.of) tells it from a value
+
+
+@dataclass(frozen=True)
+class OutCall:
+    """How a planned node writes its result into given memory: `op(*args, **kwargs, out=...)`.
+    `args` None: the node's own args and kwargs; else the positional args, each an `Arg` (one of
+    the node's) or a constant (embedding(w, ids) -> index_select.out(w, 0, ids): the same kernel
+    embedding runs for 1-D ids, while the generated embedding.out allocates and copies). The
+    artifact stores it as arena_plans.OutCall (this package never imports that format)."""
+
+    op: object
+    out: str = "out"
+    args: tuple | None = None
 
 
 @dataclass

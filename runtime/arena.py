@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from xllm_compile.arena_plans import StoredPlan
 from xllm_compile.runtime.page_pool import PagePool, round_up
 
 __all__ = ["Arena", "arena_program", "build_arena_runner", "make_arena"]
@@ -135,6 +136,8 @@ def arena_program(
     Raises:
         ValueError: the arena is too small, or the plan names nodes the program lacks.
     """
+    if not isinstance(plan, StoredPlan):  # a planner's MemoryPlan: the artifact's form of it
+        plan = StoredPlan.of(plan)
     if arena.nbytes < base + plan.arena_bytes:
         raise ValueError(
             f"the arena maps {arena.nbytes} bytes; the plan needs {base + plan.arena_bytes}"

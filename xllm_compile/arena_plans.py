@@ -53,6 +53,7 @@ class Arg:
     """In `OutCall.args`: the node's positional argument `index`."""
 
     index: int
+    is_arg = True
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,14 @@ class OutCall:
         if self.args is not None:
             args = [{"arg": a.index} if isinstance(a, Arg) else _constant(a) for a in self.args]
         return {"op": _op_name(self.op), "out": self.out, "args": args}
+
+    @classmethod
+    def of(cls, call) -> OutCall:
+        """From a planner's OutCall (duck-typed: op, out, args with `is_arg` markers)."""
+        args = call.args
+        if args is not None:
+            args = tuple(Arg(a.index) if getattr(a, "is_arg", False) else a for a in args)
+        return cls(call.op, call.out, args)
 
     @classmethod
     def from_json(cls, d: dict) -> OutCall:
@@ -110,7 +119,7 @@ class StoredPlan:
     def of(cls, plan) -> StoredPlan:
         """From a MemoryPlan (duck-typed: this module never imports passes)."""
         buffers = {
-            name: StoredBuffer(b.offset, tuple(b.shape), b.dtype, b.call)
+            name: StoredBuffer(b.offset, tuple(b.shape), b.dtype, OutCall.of(b.call))
             for name, b in plan.buffers.items()
         }
         return cls(buffers, plan.arena_bytes, tuple(tuple(g) for g in plan.guards))

@@ -1,12 +1,15 @@
 """DESIGN's import table, checked on a real serving process: loading and running an artifact
 imports none of the compiler's side (model code, HF config parsing, passes, the TP compile
-stage) and not transformers."""
+stage) and not transformers; and in the sources: passes/ imports neither the runtime nor the
+artifact's plan format."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 COMPILER_SIDE = [
     "transformers",
@@ -18,6 +21,8 @@ COMPILER_SIDE = [
     "xllm_compile.tp",
     "xllm_compile.compiler",
     "xllm_compile.trace",
+    "xllm_compile.overlap",
+    "xllm_compile.comm_profile",
 ]
 
 
@@ -32,3 +37,17 @@ def test_serving_imports_nothing_of_the_compiler(llama_artifact):
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.splitlines()[-1]) == []
+
+
+def test_passes_import_neither_the_runtime_nor_the_plan_format():
+    root = Path(__file__).resolve().parents[2] / "passes"
+    banned = ("xllm_compile.runtime", "xllm_compile.arena_plans", "xllm_compile.models")
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            bad = [n for n in names if n.startswith(banned)]
+            assert not bad, f"{path.name} imports {bad[0]}"
