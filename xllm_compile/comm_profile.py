@@ -4,8 +4,10 @@ loopback, each with its share of the cores as at run time), cached, and read by 
 
 The profile is a table of (bytes, seconds) points, the median of repeated functional
 all-reduce + wait_tensor calls, interpolated linearly between points (and extrapolated from the
-last two). `xllm-compile --comm-profile FILE` reads one measured elsewhere (the target machine)
-instead: `python -m xllm_compile.comm_profile --size 2 --out FILE` writes it.
+last two), and `overlap`: the share of an all-reduce that compute running meanwhile hides here
+(gloo's thread needs a core: on a machine where every core computes, little is hidden).
+`xllm-compile --comm-profile FILE` reads one measured elsewhere (the target machine) instead:
+`python -m xllm_compile.comm_profile --size 2 --out FILE` writes it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class CommProfile:
     world_size: int
     points: tuple[tuple[int, float], ...]  # (bytes, seconds), bytes increasing
     source: str = "measured"
+    # the share of a collective's time that compute running meanwhile hides (1: all of it)
+    overlap: float = 1.0
 
     def all_reduce_s(self, nbytes: int) -> float:
         xs = [p[0] for p in self.points]
@@ -48,13 +52,15 @@ class CommProfile:
             "world_size": self.world_size,
             "points": [list(p) for p in self.points],
             "source": self.source,
+            "overlap": self.overlap,
         }
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> CommProfile:
         try:
             points = tuple(sorted((int(b), float(s)) for b, s in d["points"]))
-            profile = cls(str(d["backend"]), int(d["world_size"]), points, source)
+            overlap = min(1.0, max(0.0, float(d.get("overlap", 1.0))))
+            profile = cls(str(d["backend"]), int(d["world_size"]), points, source, overlap)
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"{source}: not a communication profile ({e})") from None
         if len(points) < 2 or any(s < 0 for _, s in points):
@@ -65,7 +71,7 @@ class CommProfile:
 def cache_path(world_size: int, backend: str = "gloo") -> Path:
     root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
     host = f"{platform.node()}-{os.cpu_count()}cpu"
-    return Path(root) / "xllm_compile" / "comm" / f"{backend}-w{world_size}-{host}.json"
+    return Path(root) / "xllm_compile" / "comm" / f"{backend}-w{world_size}-{host}-v2.json"
 
 
 def read(path: str | Path, world_size: int) -> CommProfile:
@@ -127,10 +133,11 @@ def measure(world_size: int, sizes=SIZES) -> CommProfile:
     if procs[0].returncode != 0:
         tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"the all-reduce measurement failed: {tail[0]}")
-    raw = json.loads(out)
+    result = json.loads(out)
+    raw = result["points"]
     # never cheaper for more bytes: each point is the least time measured at its size or above
     points = tuple((b, min(t for _, t in raw[i:])) for i, (b, _) in enumerate(raw))
-    return CommProfile("gloo", world_size, points, "measured")
+    return CommProfile("gloo", world_size, points, "measured", result["overlap"])
 
 
 def _free_port() -> int:
@@ -164,9 +171,47 @@ def _worker(rank: int, world_size: int, port: int, threads: int, sizes: list[int
                 c10d.wait_tensor(c10d.all_reduce(x, "sum", group))
             rounds.append((time.perf_counter() - start) / reps)
         points.append([x.numel() * 4, sorted(rounds)[1]])  # the second best of five
+    result = {"points": points, "overlap": _overlap(group, c10d)}
     if rank == 0:
-        print(json.dumps(points))
+        print(json.dumps(result))
     dist.destroy_process_group()
+
+
+def _overlap(group: str, c10d) -> float:
+    """How much of an all-reduce runs hidden behind compute on this machine: 1 when the
+    collective's thread has a core of its own, ~0 when it shares the compute's (gloo on a
+    machine with no core to spare). A matmul loop and a 4 MiB all-reduce, alone and together:
+    (alone + alone - together) / the shorter one, the median of five tries."""
+    import torch
+    import torch.distributed as dist
+
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    x = torch.ones(1 << 20)
+
+    def compute():
+        for _ in range(40):
+            torch.mm(a, b)
+
+    def timed(fn) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    def both():
+        work = c10d.all_reduce(x, "sum", group)
+        compute()
+        c10d.wait_tensor(work)
+
+    for fn in (compute, both):
+        fn()  # warm-up
+    tries = []
+    for _ in range(5):
+        t_compute = timed(compute)
+        t_comm = timed(lambda: c10d.wait_tensor(c10d.all_reduce(x, "sum", group)))
+        t_both = timed(both)
+        tries.append((t_compute + t_comm - t_both) / min(t_compute, t_comm))
+    return round(min(1.0, max(0.0, sorted(tries)[2])), 3)
 
 
 def main(argv: list[str] | None = None) -> int:

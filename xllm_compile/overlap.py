@@ -6,7 +6,8 @@ there are enough rows to split, and costs extra collectives (~0.2-0.4 ms each on
 when there are not. So the compiler builds one program per *variant*:
 
     base        the pipeline as asked (schedule_collectives moves what it can)
-    chunk       + chunk_allreduce (each row-parallel matmul and all-reduce in 2 token chunks)
+    chunk       + chunk_allreduce (each row-parallel matmul and all-reduce in k=2 token chunks)
+    chunk4      + chunk_allreduce with k=4
     microbatch  + microbatch_overlap (each row-wise region in two interleaved halves)
 
 and the cost model (passes/cost_model.py) predicts each variant's step time at a few step sizes
@@ -33,10 +34,12 @@ from xllm_compile.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-VARIANTS: dict[str, tuple[str, ...]] = {
-    "base": (),
-    "chunk": ("chunk_allreduce",),
-    "microbatch": ("microbatch_overlap",),
+# variant -> the passes it adds, with their options
+VARIANTS: dict[str, dict[str, dict]] = {
+    "base": {},
+    "chunk": {"chunk_allreduce": {"chunks": 2}},
+    "chunk4": {"chunk_allreduce": {"chunks": 4}},
+    "microbatch": {"microbatch_overlap": {}},
 }
 OVERLAP_PASSES = frozenset({"chunk_allreduce", "microbatch_overlap"})
 # passes from the first of these on run once per variant; those before, once per rank
@@ -104,11 +107,16 @@ def split_pipeline(pipeline, variant: str):
     """(the passes run once per rank, the passes of `variant`'s tail) in pipeline order."""
     from xllm_compile.passes import PIPELINE
 
-    names = [p.name for p in pipeline] + list(VARIANTS[variant])
+    extra = VARIANTS[variant]
+    names = [p.name for p in pipeline] + list(extra)
     order = [cls.name for cls in PIPELINE]
     first = min((order.index(n) for n in TAIL_FROM), default=len(order))
     head = [p for p in pipeline if order.index(p.name) < first]
-    tail = [cls() for cls in PIPELINE if cls.name in names and order.index(cls.name) >= first]
+    tail = [
+        cls(**extra.get(cls.name, {}))
+        for cls in PIPELINE
+        if cls.name in names and order.index(cls.name) >= first
+    ]
     return head, tail
 
 
@@ -181,7 +189,9 @@ def choose(programs: dict, params: list, config, cfg, max_len: int, profile) -> 
                 shape = step_shape(tokens, max_len, cfg.max_num_seqs)
                 args = step_args(config, *shape, cfg.torch_dtype)
                 reps = 2 if tokens < 512 else 1  # a large step's time is stable; and it is long
-                cost = step_cost(ep.graph_module, [*params, *args], profile.all_reduce_s, reps)
+                cost = step_cost(
+                    ep.graph_module, [*params, *args], profile.all_reduce_s, reps, profile.overlap
+                )
                 costs.append(cost.to_dict())
             choice.costs[variant] = costs
     finally:

@@ -132,6 +132,11 @@ def test_replay_hides_a_collective_behind_independent_work():
     cost = replay(late, times, {"ar": 1024}, comm)
     assert cost.predicted_s == pytest.approx(6e-3) and cost.exposed_s == pytest.approx(2e-3)
     assert cost.comm_s == pytest.approx(2e-3) and cost.compute_s == pytest.approx(4e-3)
+    # a machine where compute hides none of a collective (measured overlap 0): serial time,
+    # and half of the hidden part at overlap 0.5
+    early, times = _schedule(["l1", "ar", "l2", "wait"])
+    assert replay(early, times, {"ar": 1024}, comm, overlap=0.0).predicted_s == pytest.approx(6e-3)
+    assert replay(early, times, {"ar": 1024}, comm, overlap=0.5).predicted_s == pytest.approx(5e-3)
 
 
 def test_step_cost_measures_a_real_graph(group):
@@ -163,6 +168,7 @@ def test_comm_profile_measures_real_ranks():
     times = [t for _, t in profile.points]
     assert [b for b, _ in profile.points] == [1024, 65536, 1 << 20]
     assert all(t > 0 for t in times) and times == sorted(times)
+    assert 0.0 <= profile.overlap <= 1.0
 
 
 def _costs(*per_variant: list[float]) -> dict[str, list[dict]]:

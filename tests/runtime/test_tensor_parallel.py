@@ -153,6 +153,32 @@ def test_overlap_choice_follows_the_predictions(long_artifacts):
     assert f"predicted ms @ {o['sizes'][-1]} tokens" in shown
 
 
+def test_overlap_flags(family_models, tmp_path):
+    """--comm-profile: a bad file is a one-line error before any work; a profile where every
+    all-reduce costs a second makes base the best at every size (each variant adds collectives),
+    so the artifact holds no variant. --overlap none: no choice at all."""
+    _, model_dir, _ = family_models("llama3")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    args = ("compile", str(model_dir), "--out", str(tmp_path / "a"), "--tp", "2")
+    assert_one_line_error(run_cli(*args, "--comm-profile", str(bad)), "not a communication profile")
+    slow = tmp_path / "slow.json"
+    points = [[256, 1.0], [1 << 24, 1.0]]
+    slow.write_text(json.dumps({"backend": "gloo", "world_size": 2, "points": points}))
+    art = compile_cli(model_dir, tmp_path / "slow", "--tp", "2", "--comm-profile", str(slow))
+    o = json.loads((art / MANIFEST).read_text())["overlap"]
+    assert o["select"] == [[None, "base"]] and o["variants"] == {}
+    assert o["profile"]["source"] == str(slow)
+    assert sorted(p.name for p in art.glob("program*.json")) == [
+        "program.json",
+        "program.rank1.json",
+    ]
+    art = compile_cli(model_dir, tmp_path / "none", "--tp", "2", "--overlap", "none")
+    manifest = json.loads((art / MANIFEST).read_text())
+    assert manifest["overlap"] is None
+    assert "overlap_choice" not in {p["name"] for p in manifest["passes"]}
+
+
 def test_bad_tp_is_one_line(family_models, tmp_path):
     _, model_dir, _ = family_models("llama3")
     proc = run_cli("compile", str(model_dir), "--out", str(tmp_path / "a"), "--tp", "3")

@@ -72,7 +72,7 @@ def predict(art: Path, query_lens: list[int], cached: int, profile) -> dict:
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads // manifest["tp"]["size"]))
         try:
-            cost = step_cost(gm, [*params, *args], profile.all_reduce_s, reps=2)
+            cost = step_cost(gm, [*params, *args], profile.all_reduce_s, 2, profile.overlap)
         finally:
             torch.set_num_threads(threads)
     # rank 0 broadcasts each step's header and inputs (runtime/tp_group.py): the same for every
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{config['hidden_size']}, {args.dtype}, tp {args.tp}, {torch.get_num_threads()} "
             f"threads; all-reduce (gloo, this run): "
             + ", ".join(f"{b // 1024} KiB {1e3 * t:.2f} ms" for b, t in profile.points[::2])
+            + f"; overlap {profile.overlap:.2f} (share of a collective compute hides)"
         )
         for batch in args.batch:
             measured = {
