@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -50,11 +51,8 @@ def load(path: str | Path, config: RuntimeConfig | None = None, **overrides) -> 
     device = device or m["device"]
     check_device(device)
     tp_size = (m.get("tp") or {}).get("size", 1)
-    if tp_size > 1 and (graph_cache not in (False, True, "eager") or device != "cpu"):
-        raise ConfigError(
-            f"{art.path} is a --tp {tp_size} artifact: it runs on cpu (gloo), with the eager "
-            "graph cache or none, for now"
-        )
+    if tp_size > 1:
+        device = _check_tp(art, device, tp_size, graph_cache)
     graph_module = _load_program(art)
     programs = _load_variants(art, graph_module, 0)
     params = _load_params(art, m["program"]["params"], device)
@@ -122,6 +120,31 @@ def load(path: str | Path, config: RuntimeConfig | None = None, **overrides) -> 
     return engine
 
 
+def _check_tp(art: artifact.Artifact, device: str, size: int, graph_cache) -> str:
+    """Where rank 0 of a --tp artifact runs (rank r: <device>:r, runtime/tp_group.py), after
+    the checks: the eager graph cache or none; one device per rank on this machine."""
+    from xllm_compile.runtime.tp_group import rank_device, torchrun_rank
+
+    backend = "eager" if device == "cpu" else "cuda_graph"
+    if graph_cache not in (False, True, "eager") or (graph_cache is True and backend != "eager"):
+        raise ConfigError(
+            f"{art.path} is a --tp {size} artifact: it runs with the eager graph cache or none, "
+            "for now"
+        )
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return "cpu"
+    module = getattr(torch, kind, None)
+    have = module.device_count() if module is not None and module.is_available() else 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", size)) if torchrun_rank() is not None else size
+    if have < local:
+        raise ConfigError(
+            f"{art.path} is a --tp {size} artifact: on {kind} it needs {local} devices on this "
+            f"machine, one per rank, and {have} are visible"
+        )
+    return rank_device(device, torchrun_rank() or 0)
+
+
 def _kv_heads(art: artifact.Artifact, config: ModelConfig) -> int:
     """KV heads of one rank's cache: all of them, or a --tp artifact's share of them."""
     tp_info = art.manifest.get("tp") or {}
@@ -135,6 +158,8 @@ def _start_tp(art, runner, cache, geometry, kv_kind, size: int, timeout_s: float
 
     threads = max(1, torch.get_num_threads() // size)
     torch.set_num_threads(threads)  # one share of the cores per rank (this process is one)
+    if runner.device.type != "cpu":  # NCCL / HCCL use the current device
+        getattr(torch, runner.device.type).set_device(runner.device)
     pool = getattr(cache, "pool", None)
     options = {
         "geometry": dataclasses.asdict(geometry) | {"dtype": str(geometry.dtype)},
@@ -142,6 +167,7 @@ def _start_tp(art, runner, cache, geometry, kv_kind, size: int, timeout_s: float
         "kv_memory": pool.page_size * pool.num_pages if pool is not None else 0,
         "kv_page_size": pool.page_size if pool is not None else None,
         "threads": threads,
+        "device": torch.device(runner.device).type,
     }
     group = TPGroup(art.path, size, options, timeout_s)
     for program in runner.programs:
@@ -160,12 +186,13 @@ def load_rank(path: Path, rank: int, group_name: str, options: dict):
     programs = _load_variants(art, gm, rank)
     for program in programs:
         program_format.bind_group(program, group_name)
-    params = _load_params(art, entry["params"], "cpu", entry["weights"])
+    device = options.get("device", "cpu")  # this rank's (tp_group.rank_device)
+    params = _load_params(art, entry["params"], device, entry["weights"])
     g = dict(options["geometry"])
     g["dtype"] = getattr(torch, g["dtype"].removeprefix("torch."))
     memory, page = options["kv_memory"], options["kv_page_size"]
-    cache = _make_kv_cache(options["kv_cache"], KVGeometry(**g), "cpu", memory, page)
-    return ModelRunner(programs, params, "cpu", cache), cache
+    cache = _make_kv_cache(options["kv_cache"], KVGeometry(**g), device, memory, page)
+    return ModelRunner(programs, params, device, cache), cache
 
 
 def _load_variants(art: artifact.Artifact, base, rank: int) -> StepPrograms:

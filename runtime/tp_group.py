@@ -11,6 +11,12 @@ worker on its own page-mapped cache, so slots and pages stay identical) and the 
 seven index inputs. Every rank then runs its own program; the all-reduces inside keep the
 hidden states equal, and rank 0's logits are the model's.
 
+Backends: the step broadcast is always CPU tensors over gloo; the program's collectives run on
+the ranks' device tensors, so a CUDA group is "cpu:gloo,cuda:nccl" (one group, dispatching by
+tensor device, as vLLM keeps a CPU group beside its NCCL one) and an Ascend group
+"cpu:gloo,npu:hccl" (torch_npu imported first). Rank r of a device group runs on device
+<type>:<local rank>. Only the CPU group has run here (no GPU): see the README.
+
 Faults: a worker that dies fails the next collective at once; one that hangs is killed by the
 watchdog after `timeout_s`, which fails the step. Either way the group is marked unhealthy
 (`/health` says so), every later step raises TPGroupError at once, and requests end with it.
@@ -34,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from xllm_compile.errors import ConfigError, XllmError
+from xllm_compile.errors import BackendUnavailableError, ConfigError, XllmError
 from xllm_compile.runtime.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -102,10 +108,37 @@ def torchrun_rank() -> int | None:
     return None
 
 
-def _init_group(**kw) -> None:
-    """Join the gloo group: the ranks must meet within STARTUP; after that no collective times
-    out by itself (an idle worker waits for rank 0's next step as long as it takes)."""
-    dist.init_process_group("gloo", timeout=STARTUP, **kw)
+GROUP_BACKENDS = {"cpu": "gloo", "cuda": "cpu:gloo,cuda:nccl", "npu": "cpu:gloo,npu:hccl"}
+
+
+def group_backend(device: str) -> str:
+    """The process-group backend for ranks running on `device` (module docstring)."""
+    kind = torch.device(device).type
+    if kind not in GROUP_BACKENDS:
+        raise ConfigError(f"tensor parallel runs on cpu, cuda or npu, not {device}")
+    if kind == "npu":
+        try:
+            import torch_npu  # noqa: F401  (registers the hccl backend)
+        except ImportError:
+            raise BackendUnavailableError(
+                "tensor parallel on npu needs torch_npu (pip install 'xllm-compile[npu]')"
+            ) from None
+    return GROUP_BACKENDS[kind]
+
+
+def rank_device(device: str, rank: int) -> str:
+    """Where rank `rank` runs: the CPU, or the device of its local rank (torchrun's LOCAL_RANK,
+    else the rank: one machine)."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return "cpu"
+    return f"{kind}:{int(os.environ.get('LOCAL_RANK', rank))}"
+
+
+def _init_group(device: str = "cpu", **kw) -> None:
+    """Join the group: the ranks must meet within STARTUP; after that no collective times out
+    by itself (an idle worker waits for rank 0's next step as long as it takes)."""
+    dist.init_process_group(group_backend(device), timeout=STARTUP, **kw)
     dist.distributed_c10d._set_pg_timeout(LONG)
 
 
@@ -147,13 +180,18 @@ class TPGroup:
                 for rank in range(1, size)
             ]
             try:
-                _init_group(init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=size)
+                _init_group(
+                    worker_options["device"],
+                    init_method=f"tcp://127.0.0.1:{port}",
+                    rank=0,
+                    world_size=size,
+                )
             except RuntimeError as e:  # a worker never arrived (it died while starting)
                 codes = [p.poll() for p in self.procs]
                 self.fail(f"the tensor-parallel ranks did not start (exit codes {codes}: {e})")
                 raise TPGroupError(self.why) from None
         else:  # torchrun started every rank: join its group (env://) and tell the others
-            _init_group()
+            _init_group(worker_options["device"])
             if dist.get_world_size() != size:
                 world = dist.get_world_size()
                 dist.destroy_process_group()
@@ -267,10 +305,15 @@ def _die_with_parent() -> None:
         pass
 
 
-def serve_torchrun_rank(art: str | Path) -> None:
+def serve_torchrun_rank(art: str | Path, device: str | None = None) -> None:
     """A rank > 0 that torchrun started (`torchrun ... -m xllm_compile.cli serve ART` runs
-    this on every rank but 0): join the group, take rank 0's options, serve its steps."""
-    _init_group()
+    this on every rank but 0): join the group, take rank 0's options, serve its steps.
+    `device`: the command's --device (every rank runs the same command), else the artifact's."""
+    if device is None:
+        from xllm_compile.artifact import read_manifest
+
+        device = read_manifest(Path(art))["device"]
+    _init_group(device)
     options = _receive_json()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     options["threads"] = max(1, (os.cpu_count() or 1) // local)
@@ -280,7 +323,9 @@ def serve_torchrun_rank(art: str | Path) -> None:
 def _worker_main(rank: int, size: int, port: int, art: str, options: dict) -> None:
     """Ranks 1..N-1 started by TPGroup: join rank 0's loopback group, then serve its steps."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle
-    _init_group(init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    _init_group(
+        options["device"], init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size
+    )
     _serve_rank(rank, art, options)
 
 
@@ -290,7 +335,10 @@ def _serve_rank(rank: int, art: str, options: dict) -> None:
     from xllm_compile.runtime.loader import load_rank
 
     torch.set_num_threads(options["threads"])
-
+    device = rank_device(options["device"], rank)
+    if device != "cpu":
+        getattr(torch, device.split(":")[0]).set_device(device)
+    options = {**options, "device": device}
     runner, cache = load_rank(Path(art), rank, dist.group.WORLD.group_name, options)
     try:
         _serve_steps(runner, cache)
@@ -313,7 +361,7 @@ def _serve_steps(runner, cache: KVCache) -> None:
         dist.broadcast(body, 0)
         ops = body[: 3 * num_ops].tolist()
         replay(cache, [ops[i : i + 3] for i in range(0, 3 * num_ops, 3)])
-        inputs = list(body[3 * num_ops :].split(lens))
+        inputs = [t.to(runner.device) for t in body[3 * num_ops :].split(lens)]
         kv = cache.tensor if kv_len == 0 else cache.tensor[:, :, :, :kv_len]  # a bucket's view
         try:
             with torch.inference_mode():

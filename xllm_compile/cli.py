@@ -178,7 +178,7 @@ def _load(args: argparse.Namespace, **extra):
     from xllm_compile.runtime.tp_group import serve_torchrun_rank, torchrun_rank
 
     if torchrun_rank():  # torchrun's ranks > 0 run rank 0's steps; only rank 0 answers
-        serve_torchrun_rank(args.artifact)  # returns only by exiting the process
+        serve_torchrun_rank(args.artifact, args.device)  # returns only by exiting the process
     memory = int(args.kv_memory) if args.kv_memory > 1 else args.kv_memory
     config = RuntimeConfig(
         device=args.device,

@@ -339,3 +339,20 @@ def test_graph_cache_under_tp(tp_artifacts):
         stats = engine.graph_cache_stats
         assert stats.hits >= 15 and stats.builds > 0  # the decode steps ran bucketed
         assert stats.unbucketed >= 1  # the prefill (eager: no prefill buckets) ran unbucketed
+
+
+def test_device_groups_pick_their_backend(monkeypatch):
+    """CPU ranks use gloo; CUDA and Ascend ranks one group that sends CPU tensors (the step
+    broadcast) over gloo and device tensors (the program's all-reduces) over NCCL / HCCL, each
+    rank on the device of its local rank. (Only the CPU group runs here: no GPU.)"""
+    from xllm_compile.errors import BackendUnavailableError
+    from xllm_compile.runtime.tp_group import group_backend, rank_device
+
+    assert group_backend("cpu") == "gloo"
+    assert group_backend("cuda:0") == "cpu:gloo,cuda:nccl"
+    assert rank_device("cpu", 1) == "cpu" and rank_device("cuda", 1) == "cuda:1"
+    monkeypatch.setenv("LOCAL_RANK", "3")  # torchrun: the local rank, not the global one
+    assert rank_device("cuda", 7) == "cuda:3"
+    monkeypatch.setitem(sys.modules, "torch_npu", None)  # not installed
+    with pytest.raises(BackendUnavailableError, match="needs torch_npu"):
+        group_backend("npu")
