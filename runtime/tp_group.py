@@ -113,7 +113,7 @@ GROUP_BACKENDS = {"cpu": "gloo", "cuda": "cpu:gloo,cuda:nccl", "npu": "cpu:gloo,
 
 def group_backend(device: str) -> str:
     """The process-group backend for ranks running on `device` (module docstring)."""
-    kind = torch.device(device).type
+    kind = str(device).split(":")[0]  # "npu" is no torch.device before torch_npu is imported
     if kind not in GROUP_BACKENDS:
         raise ConfigError(f"tensor parallel runs on cpu, cuda or npu, not {device}")
     if kind == "npu":
@@ -129,7 +129,7 @@ def group_backend(device: str) -> str:
 def rank_device(device: str, rank: int) -> str:
     """Where rank `rank` runs: the CPU, or the device of its local rank (torchrun's LOCAL_RANK,
     else the rank: one machine)."""
-    kind = torch.device(device).type
+    kind = str(device).split(":")[0]
     if kind == "cpu":
         return "cpu"
     return f"{kind}:{int(os.environ.get('LOCAL_RANK', rank))}"
