@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pass_helpers import count_ops, export, run_passes
 from torch import nn
@@ -16,16 +15,6 @@ from xllm_compile import program_format
 from xllm_compile.passes.schedule_collectives import WAIT
 
 c10d, xllm, aten = torch.ops._c10d_functional, torch.ops.xllm, torch.ops.aten
-
-
-@pytest.fixture(scope="module")
-def group():
-    if dist.is_initialized():  # another test module left one: use it
-        yield dist.group.WORLD.group_name
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield dist.group.WORLD.group_name
-    dist.destroy_process_group()
 
 
 class RowParallel(nn.Module):

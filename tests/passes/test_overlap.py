@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pass_helpers import count_ops, export, run_passes
 from torch import fx, nn
@@ -23,16 +22,6 @@ from xllm_compile.passes.microbatch_overlap import MicrobatchOverlap
 from xllm_compile.passes.schedule_collectives import ScheduleCollectives
 
 c10d, xllm, aten = torch.ops._c10d_functional, torch.ops.xllm, torch.ops.aten
-
-
-@pytest.fixture(scope="module")
-def group():
-    if dist.is_initialized():
-        yield dist.group.WORLD.group_name
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield dist.group.WORLD.group_name
-    dist.destroy_process_group()
 
 
 class Layers(nn.Module):
