@@ -3,14 +3,28 @@ with verification, and compare the graph's numbers before and after."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.distributed as dist
 from torch.export import Dim
 
 from xllm_compile.passes import PassContext, PassManager, build_pipeline, run_graph
 from xllm_compile.passes.graph_utils import count_ops
 from xllm_compile.trace import strip_metadata_asserts
 
-__all__ = ["count_ops", "export", "run_passes", "tolerance"]
+__all__ = ["count_ops", "export", "group_fixture", "run_passes", "tolerance"]
+
+
+@pytest.fixture(scope="module", name="group")
+def group_fixture():
+    """A one-rank gloo group's name (an all-reduce over it is the identity), or the group
+    another test module left initialized. A fixture: import it into the test module."""
+    if dist.is_initialized():
+        yield dist.group.WORLD.group_name
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist.group.WORLD.group_name
+    dist.destroy_process_group()
 
 
 def export(module: torch.nn.Module, *inputs: torch.Tensor, token_inputs: int | None = None):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from pass_helpers import count_ops, export, run_passes
+from pass_helpers import count_ops, export, group_fixture, run_passes  # noqa: F401 (fixture)
 from torch import nn
 
 from xllm_compile import program_format

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from pass_helpers import count_ops, export, run_passes
+from pass_helpers import count_ops, export, group_fixture, run_passes  # noqa: F401 (fixture)
 from torch import fx, nn
 
 from xllm_compile import comm_profile, overlap
