@@ -45,6 +45,7 @@ class PassContext:
         device: the target device ("cpu", "cuda", "npu").
         sample_inputs: user inputs to run the graph on for `verify` (None: no verification).
         config: the model config, for passes that want shape facts (opaque to the manager).
+        quant: the weight quantization asked for (`--quant`: "none", "q8_0", "int8").
     """
 
     ep: ExportedProgram
@@ -53,6 +54,7 @@ class PassContext:
     device: str = "cpu"
     sample_inputs: tuple | None = None
     config: Any = None
+    quant: str = "none"
 
     @classmethod
     def from_exported(cls, ep: ExportedProgram, sample_inputs=None, **kw) -> PassContext:
@@ -133,6 +135,9 @@ class Pass:
     name: str = ""
     VERSION: int = 1
     description: str = ""
+    # a pass that changes the numbers on purpose (quantization) sets the drift it may cause
+    # (relative, as the manager measures it); None: the dtype's rounding tolerance
+    lossy_tolerance: float | None = None
 
     def applies(self, ctx: PassContext) -> str | None:
         """None when the pass should run, else the reason it is skipped (logged and recorded)."""

@@ -106,6 +106,8 @@ class PassManager:
                 f"{_after(done)}"
             ) from e
         tol = TOLERANCE.get(ctx.dtype, 1e-4) * self.tolerance_scale
+        if p.lossy_tolerance is not None:
+            tol = max(tol, p.lossy_tolerance)
         worst_name, worst = "", 0.0
         for (name, before), (_, after) in zip(reference, result, strict=True):
             if before.shape != after.shape or before.dtype != after.dtype:

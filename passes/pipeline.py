@@ -19,6 +19,7 @@ from xllm_compile.passes.lower_ops import LowerOps
 from xllm_compile.passes.merge_gate_up import MergeGateUp
 from xllm_compile.passes.merge_qkv import MergeQKV
 from xllm_compile.passes.microbatch_overlap import MicrobatchOverlap
+from xllm_compile.passes.quantize import Quantize
 from xllm_compile.passes.schedule_collectives import ScheduleCollectives
 
 PIPELINE: tuple[type[Pass], ...] = (
@@ -28,6 +29,7 @@ PIPELINE: tuple[type[Pass], ...] = (
     MergeGateUp,  # before fuse_silu_mul, which then reads the two halves of the merged matmul
     FuseSiluMul,
     FuseRotary,  # after merge_qkv: pairs q and k by the matmul they come from
+    Quantize,  # --quant: after the merges (one merged weight quantized); skipped otherwise
     ChunkAllReduce,  # tensor parallel, off by default (OPTIONAL): matmul + all-reduce chunks
     MicrobatchOverlap,  # tensor parallel, OPTIONAL: regions with all-reduces in two halves
     FuseAllReduceNorm,  # tensor parallel, OPTIONAL: after fuse_rms_norm; unchunked ones only

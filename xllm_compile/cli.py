@@ -61,6 +61,13 @@ def _add_compile_args(p: argparse.ArgumentParser) -> None:
         help="tensor-parallel ranks: one program and weights file each (default 1)",
     )
     p.add_argument(
+        "--quant",
+        default=CompileConfig.quant,
+        metavar="MODE",
+        help="weight-only int8 matmuls: q8_0 (groups of 32, fp16 scales, as ggml's Q8_0), "
+        "int8 (a scale per row) or none (default)",
+    )
+    p.add_argument(
         "--overlap",
         choices=("auto", "none"),
         default=CompileConfig.overlap,
@@ -235,6 +242,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         tp=args.tp,
         overlap=args.overlap,
         comm_profile=args.comm_profile,
+        quant=args.quant,
     )
     out = compile_model(cfg)
     print(f"compiled {args.model} -> {out}")

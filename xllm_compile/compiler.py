@@ -236,6 +236,7 @@ def optimize(ep, weights: dict, config: ModelConfig, cfg: CompileConfig, pipelin
         device=cfg.device,
         sample_inputs=verify_inputs(config, cfg.torch_dtype) if cfg.verify else None,
         config=config,
+        quant=cfg.quant,
     )
     # A tensor-parallel rank program is checked on a one-rank group, where each all-reduce
     # returns the rank's partial sum: its activations are not the model's, and bf16/fp16
@@ -367,6 +368,7 @@ def _write(tmp_dir, model_dir, ranks: list[RankProgram], config, hf_config, cfg,
             "program": {"file": artifact.PROGRAM, "inputs": list(INPUT_NAMES), **files[0]},
             "tp": _tp_entry(config, cfg.tp, files) if cfg.tp > 1 else None,
             "overlap": _overlap_entry(ranks) if ranks[0].choice is not None else None,
+            "quant": _quant_entry(cfg.quant),
             "tokenizer": {"files": tokenizer_files}
             if "tokenizer.json" in tokenizer_files
             else None,
@@ -377,6 +379,23 @@ def _write(tmp_dir, model_dir, ranks: list[RankProgram], config, hf_config, cfg,
         },
     )
     env.kill_at("manifest")
+
+
+def _quant_entry(mode: str) -> dict | None:
+    """How the artifact's quantized matmul weights are stored (passes/quantize.py)."""
+    if mode == "none":
+        return None
+    from xllm_compile.passes.quantize import MODES
+
+    group, scale_dtype = MODES[mode]
+    return {
+        "mode": mode,
+        "group_size": group or "row",
+        "format": "<weight>.qweight int8 [N, K] and <weight>.scales "
+        f"{str(scale_dtype).removeprefix('torch.')} [N, K / group]; "
+        "weight = float32(qweight) * float32(scales) per group of consecutive values of a row; "
+        "op xllm::linear_q8",
+    }
 
 
 def _overlap_entry(ranks: list[RankProgram]) -> dict:
