@@ -66,7 +66,10 @@ def test_records_and_dumps(tmp_path):
         assert set(r) == {"name", "version", "stats", "time_s", "skipped"}
         assert (r["skipped"] or r["stats"]["nodes_before"] > 0) and r["time_s"] >= 0
     skipped = {r["name"]: r["skipped"] for r in records if r["skipped"]}
-    assert skipped == {"schedule_collectives": "no collectives (not a tensor-parallel program)"}
+    assert skipped == {
+        "quantize": "--quant none",
+        "schedule_collectives": "no collectives (not a tensor-parallel program)",
+    }
     dumps = sorted(p.name for p in tmp_path.iterdir())
     assert dumps[0] == "00_exported.py" and dumps[1] == "01_cleanup.py"
     assert dumps[-1] == f"{len(passes):02d}_lower_ops.py"
