@@ -125,13 +125,13 @@ def _check_tp(art: artifact.Artifact, device: str, size: int, graph_cache) -> st
     the checks: the eager graph cache or none; one device per rank on this machine."""
     from xllm_compile.runtime.tp_group import rank_device, torchrun_rank
 
-    backend = "eager" if device == "cpu" else "cuda_graph"
-    if graph_cache not in (False, True, "eager") or (graph_cache is True and backend != "eager"):
+    kind = torch.device(device).type
+    eager = graph_cache in (False, "eager") or (graph_cache is True and kind == "cpu")
+    if not eager:  # graph_cache=True off the CPU means CUDA graphs
         raise ConfigError(
             f"{art.path} is a --tp {size} artifact: it runs with the eager graph cache or none, "
             "for now"
         )
-    kind = torch.device(device).type
     if kind == "cpu":
         return "cpu"
     module = getattr(torch, kind, None)

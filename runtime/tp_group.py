@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from xllm_compile.errors import BackendUnavailableError, ConfigError, XllmError
+from xllm_compile.net import free_port
 from xllm_compile.runtime.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -155,12 +155,6 @@ def _receive_json():
     data = torch.empty(int(size), dtype=torch.uint8)
     dist.broadcast(data, 0)
     return json.loads(bytes(data.tolist()).decode())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class TPGroup:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xllm_compile.errors import ConfigError
+from xllm_compile.net import free_port
 
 SIZES = tuple(256 * 4**i for i in range(9))  # 256 B .. 16 MiB
 TIMEOUT_S = 180.0
@@ -108,7 +109,7 @@ def load_or_measure(world_size: int, refresh: bool = False) -> CommProfile:
 
 def measure(world_size: int, sizes=SIZES) -> CommProfile:
     """Start `world_size` processes on loopback, time functional all-reduces of each size."""
-    port = _free_port()
+    port = free_port()
     threads = max(1, (os.cpu_count() or 1) // world_size)
     procs = [
         subprocess.Popen(
@@ -138,14 +139,6 @@ def measure(world_size: int, sizes=SIZES) -> CommProfile:
     # never cheaper for more bytes: each point is the least time measured at its size or above
     points = tuple((b, min(t for _, t in raw[i:])) for i, (b, _) in enumerate(raw))
     return CommProfile("gloo", world_size, points, "measured", result["overlap"])
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, threads: int, sizes: list[int]) -> None:

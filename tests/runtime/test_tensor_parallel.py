@@ -278,7 +278,7 @@ def test_server_over_a_tp_artifact(tp_artifacts):
 
 
 def torchrun(*args: str, **kw):
-    from xllm_compile.runtime.tp_group import free_port
+    from xllm_compile.net import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node"]
     cmd += ["2", "--master-addr", "127.0.0.1", "--master-port", str(free_port())]

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from xllm_compile import comm_profile, overlap, program_format
+from xllm_compile.buckets import select_variant
 from xllm_compile.compiler import one_rank_group
 from xllm_compile.config import ModelConfig
 from xllm_compile.passes.cost_model import step_cost
@@ -60,7 +61,7 @@ def predict(art: Path, query_lens: list[int], cached: int, profile) -> dict:
     local = manifest["tp"]["local"]
     config = ModelConfig.from_dict({**config.to_dict(), **local})
     table = (manifest.get("overlap") or {}).get("select")
-    variant = overlap_variant(table, sum(query_lens)) if table else "single"
+    variant = select_variant(table, sum(query_lens)) if table else "single"
     name = "program.json" if variant in ("base", "single") else overlap.variant_file(variant, 0)
     gm = program_format.load(art / name)
     weights = load_file(str(art / "weights.safetensors"))
@@ -82,12 +83,6 @@ def predict(art: Path, query_lens: list[int], cached: int, profile) -> dict:
     out = cost.to_dict()
     out["predicted_ms"] += broadcast_ms
     return {"variant": variant, **out, "broadcast_ms": broadcast_ms}
-
-
-def overlap_variant(table, tokens: int) -> str:
-    from xllm_compile.buckets import select_variant
-
-    return select_variant(table, tokens)
 
 
 @torch.inference_mode()
