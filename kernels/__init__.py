@@ -10,7 +10,7 @@ from xllm_compile.kernels.all_reduce_add_rms_norm import all_reduce_add_rms_norm
 from xllm_compile.kernels.attention import attention
 from xllm_compile.kernels.fused_add_rms_norm import fused_add_rms_norm
 from xllm_compile.kernels.linear import linear
-from xllm_compile.kernels.linear_q8 import linear_q8
+from xllm_compile.kernels.linear_q import linear_q
 from xllm_compile.kernels.rms_norm import rms_norm
 from xllm_compile.kernels.rotary_embedding import rotary_embedding
 from xllm_compile.kernels.silu_and_mul import silu_and_mul
@@ -21,7 +21,7 @@ __all__ = [
     "attention",
     "fused_add_rms_norm",
     "linear",
-    "linear_q8",
+    "linear_q",
     "rms_norm",
     "rotary_embedding",
     "silu_and_mul",

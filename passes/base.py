@@ -45,7 +45,9 @@ class PassContext:
         device: the target device ("cpu", "cuda", "npu").
         sample_inputs: user inputs to run the graph on for `verify` (None: no verification).
         config: the model config, for passes that want shape facts (opaque to the manager).
-        quant: the weight quantization asked for (`--quant`: "none", "q8_0", "int8").
+        quant: the weight quantization asked for (`--quant`: "none", "keep", "q4_1", ...).
+        blocks: with `--quant keep`, a GGUF's quantized matmul weights as they are, by parameter
+            name: (format, uint8 [N, row_bytes]) (kernels/linear_q.py); merges keep it current.
     """
 
     ep: ExportedProgram
@@ -55,6 +57,7 @@ class PassContext:
     sample_inputs: tuple | None = None
     config: Any = None
     quant: str = "none"
+    blocks: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def from_exported(cls, ep: ExportedProgram, sample_inputs=None, **kw) -> PassContext:

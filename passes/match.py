@@ -99,14 +99,31 @@ def _mergeable(linear: fx.Node, ctx: PassContext) -> bool:
     return w is not None and w.dim() == 2 and (bias is None or ctx.weight(bias) is not None)
 
 
+def blocks_agree(ctx: PassContext, linears: list[fx.Node]) -> bool:
+    """Whether the linears' weights may be merged as far as `--quant keep` goes: none has
+    quantized blocks, or all have blocks of one format (then merged as blocks too)."""
+    kinds = {ctx.blocks[n][0] if n in ctx.blocks else None for n in _weight_names(ctx, linears)}
+    return len(kinds) == 1
+
+
+def _weight_names(ctx: PassContext, linears: list[fx.Node]) -> list[str]:
+    return [ctx.param_name(lin.args[1]) for lin in linears]
+
+
 def merge_linears(graph: fx.Graph, ctx: PassContext, linears: list[fx.Node]) -> fx.Node:
     """Replace sibling linears by one linear over their concatenated weights (made now, at
     compile time, and saved that way) and a slice of its output per original. Removes the old
-    parameters. Returns the merged linear."""
+    parameters. Returns the merged linear. Callers check `blocks_agree` first."""
     x = linears[0].args[0]
     weight_nodes = [lin.args[1] for lin in linears]
     bias_nodes = [lin.args[2] if len(lin.args) > 2 else None for lin in linears]
-    w_name = merged_name([ctx.param_name(n) for n in weight_nodes], ctx.weights)
+    names = _weight_names(ctx, linears)
+    w_name = merged_name(names, ctx.weights)
+    if names[0] in ctx.blocks:  # --quant keep: the blocks, row after row, as the floats
+        ctx.blocks[w_name] = (
+            ctx.blocks[names[0]][0],
+            torch.cat([ctx.blocks.pop(n)[1] for n in names], 0),
+        )
     w = ctx.add_param(w_name, torch.cat([ctx.weight(n) for n in weight_nodes], 0))
     args = (x, w)
     if bias_nodes[0] is not None:

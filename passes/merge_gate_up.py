@@ -14,7 +14,14 @@ import torch
 from torch import fx
 
 from xllm_compile.passes.base import Pass, PassContext, PassStats
-from xllm_compile.passes.match import aten, is_call, merge_linears, only_user, sibling_linears
+from xllm_compile.passes.match import (
+    aten,
+    blocks_agree,
+    is_call,
+    merge_linears,
+    only_user,
+    sibling_linears,
+)
 
 
 def up_of(gate: fx.Node) -> fx.Node | None:
@@ -39,6 +46,8 @@ class MergeGateUp(Pass):
         for group in sibling_linears(gm.graph, ctx):
             pairs = [(g, up_of(g)) for g in group if up_of(g) in group]
             for gate, up in pairs:
+                if not blocks_agree(ctx, [gate, up]):
+                    continue
                 merge_linears(gm.graph, ctx, [gate, up])
                 stats.matches += 1
                 stats.count("gate_up")

@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from xllm_compile.passes.base import Pass, PassContext, PassStats
-from xllm_compile.passes.match import aten, is_call, merge_linears, sibling_linears
+from xllm_compile.passes.match import aten, blocks_agree, is_call, merge_linears, sibling_linears
 
 ATTENTION_OPS = (torch.ops.xllm.attention.default, torch.ops.xllm.store_kv.default)
 MATMULS = (aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default)
@@ -44,7 +44,7 @@ class MergeQKV(Pass):
         stats = PassStats()
         for group in sibling_linears(gm.graph, ctx):
             members = [lin for lin in group if reaches(lin, ATTENTION_OPS)]
-            if len(members) >= 2:
+            if len(members) >= 2 and blocks_agree(ctx, members):
                 merge_linears(gm.graph, ctx, members)
                 stats.matches += 1
                 stats.count(f"linear x{len(members)}")

@@ -64,8 +64,9 @@ def _add_compile_args(p: argparse.ArgumentParser) -> None:
         "--quant",
         default=CompileConfig.quant,
         metavar="MODE",
-        help="weight-only int8 matmuls: q8_0 (groups of 32, fp16 scales, as ggml's Q8_0), "
-        "int8 (a scale per row) or none (default)",
+        help="weight-only low-bit matmuls over ggml's blocks: keep (a GGUF's own blocks, the "
+        "default for a GGUF), q8_0, q4_0, q4_1 (quantized here as llama-quantize does), int8 "
+        "(= q8_0), int4 (q4_1 blocks, searched ranges) or none (the default for an HF folder)",
     )
     p.add_argument(
         "--overlap",

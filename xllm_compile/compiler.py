@@ -55,6 +55,7 @@ def compile_model(cfg: CompileConfig) -> Path:
     _check_out_dir(out_dir)
     if model_dir.suffix == ".gguf":
         return _compile_gguf(cfg, model_dir, out_dir)
+    cfg = _resolve_quant(cfg, model_dir)
     hf_config = load_hf_config(model_dir)
     config = model_config_from_hf(hf_config)
     tp.check_tp(config, cfg.tp)
@@ -75,7 +76,9 @@ def compile_model(cfg: CompileConfig) -> Path:
             bar.update(2)
         expected = {n: t.shape for n, t in ep.state_dict.items()}
         weights = _load_weights(model_dir, expected, config, cfg, max_len)
-        ranks = [RankProgram(ep, weights, optimize(ep, weights, config, cfg, pipeline))]
+        blocks = _read_blocks(model_dir, cfg)
+        pass_log = optimize(ep, weights, config, cfg, pipeline, blocks)
+        ranks = [RankProgram(ep, weights, pass_log)]
     with Staging(out_dir) as tmp_dir:  # the old artifact stays at out_dir until the swap
         _write(tmp_dir, model_dir, ranks, config, hf_config, cfg, max_len)
         if key is not None:
@@ -186,17 +189,54 @@ def one_rank_group():
         dist.destroy_process_group()
 
 
+def _resolve_quant(cfg: CompileConfig, model_dir: Path) -> CompileConfig:
+    """--quant auto -> keep for a converted GGUF's folder (it holds the blocks), else none;
+    keep without blocks, or with --tp, is refused."""
+    from xllm_compile.gguf import BLOCKS_FILE
+
+    has_blocks = (model_dir / BLOCKS_FILE).is_file()
+    quant = cfg.quant
+    if quant == "auto":
+        quant = "keep" if has_blocks and cfg.tp == 1 and cfg.device == "cpu" else "none"
+    if quant == "keep" and not has_blocks:
+        raise ConfigError(
+            "--quant keep keeps a GGUF's quantized blocks: give a .gguf file, or choose "
+            "--quant q8_0|q4_0|q4_1|int8|int4 to quantize this model"
+        )
+    if quant != "none" and cfg.tp > 1:
+        raise ConfigError(
+            f"--quant {quant} with --tp {cfg.tp}: quantized tensor-parallel shards are not "
+            "implemented yet; use --quant none (a GGUF is then dequantized)"
+        )
+    return dataclasses.replace(cfg, quant=quant)
+
+
+def _read_blocks(model_dir: Path, cfg: CompileConfig) -> dict:
+    """--quant keep: the GGUF's quantized matmul weights the converter set aside."""
+    if cfg.quant != "keep":
+        return {}
+    from xllm_compile.gguf import read_blocks
+
+    return read_blocks(model_dir)
+
+
 def _compile_gguf(cfg: CompileConfig, gguf_path: Path, out_dir: Path) -> Path:
-    """A GGUF file is dequantized into a temporary HF folder (tensor by tensor, sharded), which
-    then compiles like any other; the artifact is the same as from an HF folder."""
+    """A GGUF file is converted into a temporary HF folder (tensor by tensor, sharded), which
+    then compiles like any other. Its quantized matmul weights are also set aside as they are
+    (gguf.BLOCKS_FILE), for --quant keep (the default) to use without a float round trip."""
     from xllm_compile.gguf import gguf_to_hf_folder
 
+    keep = cfg.quant == "keep" or (cfg.quant == "auto" and cfg.device == "cpu" and cfg.tp == 1)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out_dir)
     tmp = sibling(out_dir, "gguf")  # beside the artifact: the same disk, cleaned if killed
     try:
         hf_dir = gguf_to_hf_folder(
-            gguf_path, tmp / "hf", dtype=cfg.torch_dtype, show_progress=cfg.show_progress
+            gguf_path,
+            tmp / "hf",
+            dtype=cfg.torch_dtype,
+            show_progress=cfg.show_progress,
+            keep_blocks=keep,
         )
         return compile_model(dataclasses.replace(cfg, model_path=str(hf_dir)))
     except OSError as e:
@@ -227,8 +267,11 @@ def _load_weights(model_dir, expected: dict, config: ModelConfig, cfg: CompileCo
     return weights
 
 
-def optimize(ep, weights: dict, config: ModelConfig, cfg: CompileConfig, pipeline) -> list[dict]:
-    """Run the pass pipeline on `ep` in place (merges rewrite `weights` too); returns the log."""
+def optimize(
+    ep, weights: dict, config: ModelConfig, cfg: CompileConfig, pipeline, blocks=None
+) -> list[dict]:
+    """Run the pass pipeline on `ep` in place (merges rewrite `weights` too); returns the log.
+    `blocks`: --quant keep's quantized weights by name (PassContext.blocks)."""
     ctx = PassContext(
         ep=ep,
         weights=weights,
@@ -237,6 +280,7 @@ def optimize(ep, weights: dict, config: ModelConfig, cfg: CompileConfig, pipelin
         sample_inputs=verify_inputs(config, cfg.torch_dtype) if cfg.verify else None,
         config=config,
         quant=cfg.quant,
+        blocks=dict(blocks or {}),
     )
     # A tensor-parallel rank program is checked on a one-rank group, where each all-reduce
     # returns the rank's partial sum: its activations are not the model's, and bf16/fp16
@@ -385,16 +429,13 @@ def _quant_entry(mode: str) -> dict | None:
     """How the artifact's quantized matmul weights are stored (passes/quantize.py)."""
     if mode == "none":
         return None
-    from xllm_compile.passes.quantize import MODES
+    from xllm_compile.passes.quantize import formats_doc
 
-    group, scale_dtype = MODES[mode]
     return {
         "mode": mode,
-        "group_size": group or "row",
-        "format": "<weight>.qweight int8 [N, K] and <weight>.scales "
-        f"{str(scale_dtype).removeprefix('torch.')} [N, K / group]; "
-        "weight = float32(qweight) * float32(scales) per group of consecutive values of a row; "
-        "op xllm::linear_q8",
+        "format": "<weight>.<qtype> uint8 [N, row_bytes]: each row's ggml blocks in order "
+        "along K, run by xllm::linear_q (kernels/linear_q.py documents the layouts)",
+        "qtypes": formats_doc(),
     }
 
 

@@ -128,15 +128,10 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
-QUANT_MODES = ("none", "q8_0", "int8")
-# asked for by users, not built yet: refused with the reason, never ignored
-QUANT_LATER = {
-    "q4_0": "4-bit weights are not implemented yet; use q8_0 or int8",
-    "q4_1": "4-bit weights are not implemented yet; use q8_0 or int8",
-    "int4": "4-bit weights are not implemented yet; use q8_0 or int8",
-    "keep": "keeping a GGUF's quantized blocks is not implemented yet: a GGUF is dequantized "
-    "(the default); add --quant q8_0 to store it as Q8_0",
-}
+# --quant (passes/quantize.py); "auto": keep a GGUF's blocks (one rank, CPU), else none
+QUANT_MODES = ("auto", "none", "keep", "q8_0", "q4_0", "q4_1", "int8", "int4")
+# devices with a kernel for xllm::linear_q (elsewhere --quant is refused, not run slowly)
+QUANT_DEVICES = ("cpu",)
 
 
 @dataclass(frozen=True)
@@ -162,15 +157,17 @@ class CompileConfig:
     # cost model (overlap.py); "none": the pipeline's one program for every step
     overlap: str = "auto"
     comm_profile: str | None = None  # a stored all-reduce profile (comm_profile.py)
-    # weight-only quantization of the matmuls (passes/quantize.py): "none", "q8_0", "int8"
-    quant: str = "none"
+    # weight-only low-bit matmuls (passes/quantize.py): one of QUANT_MODES
+    quant: str = "auto"
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_MODES:
-            why = QUANT_LATER.get(self.quant)
-            if why:
-                raise ConfigError(f"--quant {self.quant}: {why}")
             raise ConfigError(f"--quant {self.quant!r}: choose one of {', '.join(QUANT_MODES)}")
+        if self.quant not in ("auto", "none") and self.device not in QUANT_DEVICES:
+            raise ConfigError(
+                f"--quant {self.quant}: no quantized-matmul kernel for {self.device} yet "
+                f"(only {', '.join(QUANT_DEVICES)}); compile with --quant none"
+            )
         if self.overlap not in ("auto", "none"):
             raise ConfigError(f"--overlap {self.overlap!r}: choose auto or none")
         if self.dtype not in DTYPES:

@@ -19,6 +19,7 @@ import torch
 from xllm_compile.errors import ConfigError, UnsupportedModelError, WeightError
 from xllm_compile.gguf_tokenizer import eos_token_ids, write_tokenizer
 from xllm_compile.hf import save_safetensors
+from xllm_compile.kernels.linear_q import FORMATS, GGUF_TYPES
 from xllm_compile.progress import progress
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ SUPPORTED_TYPES = (
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
 )  # fmt: skip
 SHARD_BYTES = 256 << 20  # flush a safetensors shard at ~256 MB: bounded memory on big models
+# --quant keep: the GGUF's quantized matrices as they are, beside the dequantized folder
+BLOCKS_FILE = "gguf_blocks.safetensors"
 
 TOP_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -64,11 +67,15 @@ def gguf_to_hf_folder(
     dtype: torch.dtype = torch.float32,
     show_progress: bool = True,
     shard_bytes: int = SHARD_BYTES,
+    keep_blocks: bool = False,
 ) -> Path:
     """Convert a GGUF file into an HF model folder at `out_dir`; returns `out_dir`.
 
     Tensors are dequantized to `dtype` one at a time and written to safetensors shards of about
     `shard_bytes` (then `model.safetensors.index.json`), so memory stays near one shard.
+    `keep_blocks`: also write the matrices stored in a block format the kernels read (Q8_0,
+    Q4_0, Q4_1, Q4_K, Q6_K) as they are into BLOCKS_FILE (`read_blocks`), q/k rows put in HF's
+    order like the floats.
 
     Raises:
         ConfigError: the file does not exist.
@@ -82,7 +89,11 @@ def gguf_to_hf_folder(
     _check_tensors(reader, gguf_path)
     hf_config = hf_config_from_gguf(meta, {t.name: _torch_shape(t) for t in reader.tensors})
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_weights(reader, hf_config, out_dir, dtype, show_progress, shard_bytes)
+    blocks = _write_weights(
+        reader, hf_config, out_dir, dtype, show_progress, shard_bytes, keep_blocks
+    )
+    if keep_blocks:
+        _save_blocks(blocks, out_dir / BLOCKS_FILE)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
     write_tokenizer(meta, out_dir, gguf_path)
     return out_dir
@@ -240,13 +251,14 @@ def _dequantize(tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(values).reshape(shape)
 
 
-def _write_weights(reader, hf_config, out_dir, dtype, show_progress, shard_bytes) -> None:
+def _write_weights(reader, hf_config, out_dir, dtype, show_progress, shard_bytes, keep) -> dict:
     permute = hf_config["model_type"] in PERMUTED_QK
     heads = {
         "attn_q": hf_config["num_attention_heads"],
         "attn_k": hf_config["num_key_value_heads"],
     }
     shards = ShardWriter(out_dir, shard_bytes)
+    blocks: dict[str, tuple[str, torch.Tensor]] = {}
     with progress(len(reader.tensors), "dequantizing GGUF", "tensor", show_progress) as bar:
         for t in reader.tensors:
             try:
@@ -257,8 +269,46 @@ def _write_weights(reader, hf_config, out_dir, dtype, show_progress, shard_bytes
             if permute and kind in heads:
                 weight = unpermute_qk(weight, heads[kind])
             shards.add(hf_tensor_name(t.name), weight.to(dtype))
+            qtype = GGUF_TYPES.get(t.tensor_type.name)
+            if keep and qtype is not None and len(t.shape) == 2:
+                raw = torch.from_numpy(np.array(t.data, dtype=np.uint8))  # [N, row_bytes] copy
+                if permute and kind in heads:
+                    raw = unpermute_qk(raw, heads[kind])
+                blocks[hf_tensor_name(t.name)] = (qtype, raw.contiguous())
             bar.update(1)
     shards.close()
+    return blocks
+
+
+def _save_blocks(blocks: dict, path: Path) -> None:
+    qtypes = {name: qtype for name, (qtype, _) in blocks.items()}
+    tensors = {name: raw for name, (_, raw) in blocks.items()}
+    save_safetensors(tensors, path, metadata={"format": "pt", "qtypes": json.dumps(qtypes)})
+
+
+def read_blocks(folder: str | Path) -> dict[str, tuple[str, torch.Tensor]]:
+    """BLOCKS_FILE's matrices: name -> (format, uint8 [N, row_bytes]), each checked whole.
+
+    Raises:
+        WeightError: the file is missing, unreadable, or a tensor is not whole blocks.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(folder) / BLOCKS_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            qtypes = json.loads((f.metadata() or {}).get("qtypes", "{}"))
+            out = {}
+            for name in f.keys():
+                qtype, raw = qtypes.get(name), f.get_tensor(name)
+                if qtype not in FORMATS:
+                    raise WeightError(f"{path}: tensor {name!r} has no known block format")
+                if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] % FORMATS[qtype][1]:
+                    raise WeightError(f"{path}: tensor {name!r} is not whole {qtype} blocks")
+                out[name] = (qtype, raw)
+            return out
+    except (OSError, SafetensorError, RuntimeError, ValueError) as e:
+        raise WeightError(f"{path}: cannot read the GGUF's blocks ({e})") from None
 
 
 class ShardWriter:

@@ -25,6 +25,7 @@ OPS = (
     "store_kv",
     "attention",
     "linear",
+    "linear_q",
 )
 
 

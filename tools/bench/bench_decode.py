@@ -180,7 +180,7 @@ def bench_xllm(art: Path, batch, prompt_len, steps, graphs: bool) -> tuple[float
 
     t_prefill = _timed(prefill)
     times = time_decode(engine, seqs, logits, steps)
-    if cache is not None:
+    if cache.bucketed:
         st = cache.stats
         print(
             f"      graph cache: {st.builds} builds in {st.build_time_s:.1f} s, {st.hits} hits, "

@@ -1,0 +1,691 @@
+// xllm::linear_q: y = x @ dequant(W)^T (+ b) over weights stored as ggml's quantized blocks
+// (kernels/linear_q.py documents the five layouts: q8_0, q4_0, q4_1, q4_k, q6_k). A decode step
+// is little else than streaming these bytes, so for the few rows of a step (<= kMaxRows) each
+// weight row is decoded once, into fp32 in L1 (the same numbers the reference dequantizes), and
+// multiplied with every activation row while it is there; activations stay fp32 (no int8
+// activation rounding: the result is the reference's up to the order of the fp32 sums). Rows
+// are split over ATen's threads in runs of consecutive rows (one forward stream per thread, the
+// next rows prefetched). The decoders and the dot are written for AVX512 and for AVX2+FMA, and
+// in plain C++ for anything else; the path follows at::get_cpu_capability(), so
+// ATEN_CPU_CAPABILITY=avx2|default forces the lower ones. More rows (prefill): the weight is
+// decoded into a per-thread buffer that is kept between calls and ATen's matmul runs on it.
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "xllm_avx512.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define XLLM_X86 1
+#endif
+
+namespace {
+
+constexpr int64_t kMaxRows = 16;  // activation rows on the streaming kernel; ATen beyond
+constexpr int64_t kGrainBytes = 32 << 10;  // packed weight bytes per parallel task
+
+enum class QType { Q8_0, Q4_0, Q4_1, Q4_K, Q6_K };
+
+struct Format {
+  QType type;
+  int64_t block;  // values per block
+  int64_t bytes;  // bytes per block
+};
+
+Format format_of(std::string_view name) {
+  if (name == "q8_0") return {QType::Q8_0, 32, 34};
+  if (name == "q4_0") return {QType::Q4_0, 32, 18};
+  if (name == "q4_1") return {QType::Q4_1, 32, 20};
+  if (name == "q4_k") return {QType::Q4_K, 256, 144};
+  if (name == "q6_k") return {QType::Q6_K, 256, 210};
+  TORCH_CHECK(false, "xllm::linear_q: unknown qtype '", std::string(name), "'");
+}
+
+inline float half(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+// ---- plain C++ decoders: one row of K values -> fp32 (the reference's arithmetic) ----------
+
+// q8_0 / q4_0 / q4_1 rows are regrouped (kernels/linear_q.py): the row's nb block scales d
+// (fp16), then its nb mins m (q4_1), then the blocks' values (32 or 16 bytes each).
+struct Row32 {
+  const uint8_t* d;   // nb fp16
+  const uint8_t* m;   // nb fp16 (q4_1), else null
+  const uint8_t* qs;  // nb * qbytes
+  int64_t nb;
+};
+
+inline int64_t qbytes(QType t) { return t == QType::Q8_0 ? 32 : 16; }
+
+inline Row32 row32(QType t, const uint8_t* row, int64_t K) {
+  const int64_t nb = K / 32;
+  const uint8_t* m = t == QType::Q4_1 ? row + 2 * nb : nullptr;
+  return {row, m, row + (t == QType::Q4_1 ? 4 : 2) * nb, nb};
+}
+
+void decode_row32_plain(QType t, const uint8_t* row, int64_t K, float* y) {
+  const Row32 r = row32(t, row, K);
+  for (int64_t b = 0; b < r.nb; ++b, y += 32) {
+    const float d = half(r.d + 2 * b);
+    const uint8_t* q = r.qs + qbytes(t) * b;
+    if (t == QType::Q8_0) {
+      const auto* s = reinterpret_cast<const int8_t*>(q);
+      for (int i = 0; i < 32; ++i) y[i] = static_cast<float>(s[i]) * d;
+    } else if (t == QType::Q4_0) {
+      for (int i = 0; i < 16; ++i) {
+        y[i] = static_cast<float>((q[i] & 0xF) - 8) * d;
+        y[i + 16] = static_cast<float>((q[i] >> 4) - 8) * d;
+      }
+    } else {
+      const float m = half(r.m + 2 * b);
+      for (int i = 0; i < 16; ++i) {
+        y[i] = static_cast<float>(q[i] & 0xF) * d + m;
+        y[i + 16] = static_cast<float>(q[i] >> 4) * d + m;
+      }
+    }
+  }
+}
+
+inline void scale_min_k4(int j, const uint8_t* q, uint8_t& sc, uint8_t& m) {
+  if (j < 4) {
+    sc = q[j] & 63;
+    m = q[j + 4] & 63;
+  } else {
+    sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+void decode_q4_k(const uint8_t* b, float* y) {
+  const float d = half(b), dmin = half(b + 2);
+  const uint8_t* scales = b + 4;
+  const uint8_t* q = b + 16;
+  for (int j = 0, is = 0; j < 256; j += 64, is += 2, q += 32) {
+    uint8_t sc, m;
+    scale_min_k4(is, scales, sc, m);
+    const float d1 = d * sc, m1 = dmin * m;
+    scale_min_k4(is + 1, scales, sc, m);
+    const float d2 = d * sc, m2 = dmin * m;
+    for (int l = 0; l < 32; ++l) y[j + l] = d1 * static_cast<float>(q[l] & 0xF) - m1;
+    for (int l = 0; l < 32; ++l) y[j + 32 + l] = d2 * static_cast<float>(q[l] >> 4) - m2;
+  }
+}
+
+void decode_q6_k(const uint8_t* b, float* y) {
+  const uint8_t* ql = b;
+  const uint8_t* qh = b + 128;
+  const auto* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const float d = half(b + 208);
+  for (int n = 0; n < 256; n += 128, ql += 64, qh += 32, sc += 8) {
+    for (int l = 0; l < 32; ++l) {
+      const int is = l / 16;
+      const int q1 = ((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+      const int q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+      const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+      const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+      y[n + l] = d * sc[is + 0] * static_cast<float>(q1);
+      y[n + l + 32] = d * sc[is + 2] * static_cast<float>(q2);
+      y[n + l + 64] = d * sc[is + 4] * static_cast<float>(q3);
+      y[n + l + 96] = d * sc[is + 6] * static_cast<float>(q4);
+    }
+  }
+}
+
+void decode_row_plain(const Format& f, const uint8_t* row, int64_t K, float* y) {
+  if (f.block == 32) return decode_row32_plain(f.type, row, K, y);
+  for (int64_t k = 0; k < K; k += f.block, row += f.bytes)
+    f.type == QType::Q4_K ? decode_q4_k(row, y + k) : decode_q6_k(row, y + k);
+}
+
+float dot_plain(const float* x, const float* w, int64_t K) {
+  float s = 0.f;
+  for (int64_t k = 0; k < K; ++k) s += x[k] * w[k];
+  return s;
+}
+
+// ---- AVX512 ----------------------------------------------------------------------------------
+#ifdef XLLM_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+
+inline float half_f16c(const uint8_t* p) {  // vcvtph2ps: c10::Half's conversion is ~20 ops
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return _cvtsh_ss(bits);
+}
+
+void decode_row_512(const Format& f, const uint8_t* b, int64_t K, float* y) {
+  decode_row_plain(f, b, K, y);  // prefill only (decode_all); the steps take fused_512
+}
+
+// y[m] = x[m] . w for MB activation rows (each reduced alone: a row's sum never depends on
+// which other rows share the call, so padding a batch cannot move real rows' logits). Four
+// accumulators a row: one would chain every FMA on the last one's latency.
+template <int MB>
+inline void dot_rows_512(const float* x, int64_t ldx, const float* w, int64_t K, float* y) {
+  __m512 acc[MB][4];
+#pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m512 wv = _mm512_loadu_ps(w + k + 16 * j);
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m)
+        acc[m][j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * ldx + k + 16 * j), wv, acc[m][j]);
+    }
+  for (; k < K; k += 16) {
+    const __mmask16 mask = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __m512 wv = _mm512_maskz_loadu_ps(mask, w + k);
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m)
+      acc[m][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + m * ldx + k), wv, acc[m][0]);
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m)
+    y[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
+                                              _mm512_add_ps(acc[m][2], acc[m][3])));
+}
+
+// y[m] = x[m] . row for MB activation rows over a regrouped q8_0/q4_0/q4_1 row. Per block b:
+// t = x[0:16] * q[0:16] + x[16:32] * q[16:32] (the values as integers, converted in registers),
+// acc += d_b * t; the offsets come once per row, vectorized over blocks: q4_1 adds m_b * sum(x_b),
+// q4_0 subtracts 8 d_b * sum(x_b) (`sums`: each activation row's block sums, [MB][nb]). The
+// scales of 16 blocks are converted at once (one vcvtph2ps) and read back broadcast from memory
+// by the FMAs. Two accumulators a row (even and odd blocks).
+template <QType T, int MB>
+inline void fused_rows_512(const uint8_t* row, int64_t K, const float* x, int64_t ldx,
+                           const float* sums, int64_t lds, float* y) {
+  const Row32 r = row32(T, row, K);
+  __m512 acc[MB][2], off[MB];
+#pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m) {
+    acc[m][0] = acc[m][1] = off[m] = _mm512_setzero_ps();
+  }
+  alignas(64) float dbuf[16];
+  const __m512i low4 = _mm512_set1_epi32(0x0F);
+  for (int64_t g = 0; g < r.nb; g += 16) {
+    const int64_t n = std::min<int64_t>(16, r.nb - g);
+    const __mmask16 mask = n == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+    const __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, r.d + 2 * g));
+    _mm512_store_ps(dbuf, dv);
+    if constexpr (T != QType::Q8_0) {
+      const __m512 ov = T == QType::Q4_1
+                            ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, r.m + 2 * g))
+                            : _mm512_mul_ps(dv, _mm512_set1_ps(-8.f));
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m)
+        off[m] = _mm512_fmadd_ps(ov, _mm512_maskz_loadu_ps(mask, sums + m * lds + g), off[m]);
+    }
+    auto block = [&](int64_t j, int slot) __attribute__((always_inline)) {
+      const int64_t b = g + j;
+      const uint8_t* q = r.qs + qbytes(T) * b;
+      __m512 q0, q1;
+      if constexpr (T == QType::Q8_0) {
+        q0 = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+        q1 = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
+      } else {
+        const __m512i v =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+        q0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, low4));
+        q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+      }
+      const __m512 d = _mm512_set1_ps(dbuf[j]);
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) {
+        const float* xb = x + m * ldx + 32 * b;
+        const __m512 t = _mm512_fmadd_ps(_mm512_loadu_ps(xb + 16), q1,
+                                         _mm512_mul_ps(_mm512_loadu_ps(xb), q0));
+        acc[m][slot] = _mm512_fmadd_ps(t, d, acc[m][slot]);
+      }
+    };
+    int64_t j = 0;
+    for (; j + 2 <= n; j += 2) {
+      block(j, 0);
+      block(j + 1, 1);
+    }
+    if (j < n) block(j, 0);
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m)
+    y[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + _mm512_reduce_add_ps(off[m]);
+}
+
+template <QType T>
+void fused_any_512(const uint8_t* row, int64_t K, const float* x, const float* sums, int64_t rows,
+                   float* y) {
+  const int64_t nb = K / 32;
+  for (int64_t m0 = 0; m0 < rows; m0 += 4) {
+    const float* xm = x + m0 * K;
+    const float* sm = sums + m0 * nb;
+    switch (std::min<int64_t>(rows - m0, 4)) {
+      case 4: fused_rows_512<T, 4>(row, K, xm, K, sm, nb, y + m0); break;
+      case 3: fused_rows_512<T, 3>(row, K, xm, K, sm, nb, y + m0); break;
+      case 2: fused_rows_512<T, 2>(row, K, xm, K, sm, nb, y + m0); break;
+      default: fused_rows_512<T, 1>(row, K, xm, K, sm, nb, y + m0); break;
+    }
+  }
+}
+
+// Whether the fused path takes format f; then y[0..rows) = x . row.
+bool fused_512(const Format& f, const uint8_t* row, int64_t K, const float* x, const float* sums,
+               int64_t rows, float* y) {
+  switch (f.type) {
+    case QType::Q8_0: fused_any_512<QType::Q8_0>(row, K, x, sums, rows, y); return true;
+    case QType::Q4_0: fused_any_512<QType::Q4_0>(row, K, x, sums, rows, y); return true;
+    case QType::Q4_1: fused_any_512<QType::Q4_1>(row, K, x, sums, rows, y); return true;
+    default: return false;
+  }
+}
+
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
+
+// ---- AVX512-VNNI, 4-bit weights: integer dot products on activations kept to 16 bits ------
+// Each activation row is quantized once a call, per block of 32: s = amax / 127, hi = round(x /
+// s), lo = round((x / s - hi) * 256), so x = s * (hi + lo / 256) to 1 part in ~65k of the block's
+// largest (bf16 keeps 1 in 256): the logits stay the fp32 reference's to ~1e-5, where ggml's one
+// int8 plane moves them by ~1e-3. vpdpbusd multiplies 64 weight nibbles (u8) with 64 activation
+// bytes (s8) a time: t = dot(w, hi) << 8 + dot(w, lo) in int32, then one FMA by d_w * s / 256.
+// Two blocks a register: bytes [b0 v0-15 | b1 v0-15 | b0 v16-31 | b1 v16-31] (a 32-byte load of
+// the regrouped values, low nibbles then high), so the planes are stored in that order and the
+// int32 lanes 0-3, 8-11 belong to b0, 4-7, 12-15 to b1.
+struct Planes {
+  std::vector<int8_t> q;     // [M][npairs][2 planes][64]
+  std::vector<float> scale;  // [M][nb]: s / 256
+  std::vector<float> corr;   // [M][nb]: -(s / 2) * sum(256 hi + lo): q8_0's +128 weight offset
+  int64_t nb = 0, npairs = 0;
+};
+
+// The planes of M activation rows. `split`: the 4-bit order (values 0-15 of the pair's two
+// blocks, then 16-31); else q8_0's (block after block).
+void make_planes(const float* x, int64_t M, int64_t K, bool split, Planes& p) {
+  p.nb = K / 32;
+  p.npairs = (p.nb + 1) / 2;
+  p.q.assign(M * p.npairs * 128, 0);
+  p.scale.assign(M * p.nb, 0.f);
+  p.corr.assign(M * p.nb, 0.f);
+  const __m512 sign = _mm512_set1_ps(-0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < p.nb; ++b) {
+      const float* xb = x + m * K + 32 * b;
+      const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+      const float amax = _mm512_reduce_max_ps(
+          _mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
+      const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      p.scale[m * p.nb + b] = s / 256.f;
+      int8_t* hi = p.q.data() + (m * p.npairs + b / 2) * 128;
+      int8_t* lo = hi + 64;
+      const __m512 vinv = _mm512_set1_ps(inv), k256 = _mm512_set1_ps(256.f);
+      __m512i total = _mm512_setzero_si512();
+      const __m512 halves[2] = {x0, x1};
+      for (int h = 0; h < 2; ++h) {
+        const __m512 v = _mm512_mul_ps(halves[h], vinv);
+        const __m512 vh = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 vl = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(v, vh), k256),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        vl = _mm512_min_ps(_mm512_max_ps(vl, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f));
+        const __m512i ih = _mm512_cvtps_epi32(vh), il = _mm512_cvtps_epi32(vl);
+        total = _mm512_add_epi32(total, _mm512_add_epi32(_mm512_slli_epi32(ih, 8), il));
+        const int at = split ? h * 32 + (b & 1) * 16 : (b & 1) * 32 + h * 16;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at), _mm512_cvtsepi32_epi8(ih));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at), _mm512_cvtsepi32_epi8(il));
+      }
+      p.corr[m * p.nb + b] = -(s / 2.f) * static_cast<float>(_mm512_reduce_add_epi32(total));
+    }
+}
+
+alignas(64) static const int32_t kPairIdx[8][16] = {
+#define XLLM_PAIR(p) {2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, \
+                      2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1}
+    XLLM_PAIR(0), XLLM_PAIR(1), XLLM_PAIR(2), XLLM_PAIR(3),
+    XLLM_PAIR(4), XLLM_PAIR(5), XLLM_PAIR(6), XLLM_PAIR(7),
+#undef XLLM_PAIR
+};
+
+alignas(64) static const int32_t kBlockIdx[8][16] = {
+#define XLLM_PAIR(p) {2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, \
+                      2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1}
+    XLLM_PAIR(0), XLLM_PAIR(1), XLLM_PAIR(2), XLLM_PAIR(3),
+    XLLM_PAIR(4), XLLM_PAIR(5), XLLM_PAIR(6), XLLM_PAIR(7),
+#undef XLLM_PAIR
+};
+
+// q8_0 (signed weights): vpdpbusd wants one unsigned side, so the weights' sign bit is flipped
+// (w + 128 as u8, one xor); what the +128 adds, 128 * sum(256 hi + lo) a block, comes back out
+// with the offsets (Planes::corr).
+template <QType T, int MB>
+inline void vnni_rows(const uint8_t* row, int64_t K, const Planes& P, int64_t m0,
+                      const float* sums, float* y) {
+  const Row32 r = row32(T, row, K);
+  const int64_t nb = r.nb;
+  __m512 acc[MB], off[MB], cv[MB];
+#pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m) acc[m] = off[m] = _mm512_setzero_ps();
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int64_t g = 0; g < nb; g += 16) {
+    const int64_t n = std::min<int64_t>(16, nb - g);
+    const __mmask16 mask = n == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+    const __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, r.d + 2 * g));
+    // the offsets: q4_1 + m * sum(x), q4_0 - 8 d * sum(x), q8_0 + d * corr
+    const __m512 ov = T == QType::Q4_1   ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, r.m + 2 * g))
+                      : T == QType::Q4_0 ? _mm512_mul_ps(dv, _mm512_set1_ps(-8.f))
+                                         : dv;
+    const float* of = T == QType::Q8_0 ? P.corr.data() : sums;
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) {
+      cv[m] = _mm512_mul_ps(dv, _mm512_maskz_loadu_ps(mask, P.scale.data() + (m0 + m) * nb + g));
+      off[m] = _mm512_fmadd_ps(ov, _mm512_maskz_loadu_ps(mask, of + (m0 + m) * nb + g), off[m]);
+    }
+    for (int64_t j = 0; j < n; j += 2) {
+      __m512i w, idx;
+      if constexpr (T == QType::Q8_0) {
+        const uint8_t* q = r.qs + 32 * (g + j);
+        const __m512i v = j + 1 < n ? _mm512_loadu_si512(q)
+                                    : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, q);  // odd last
+        w = _mm512_xor_si512(v, _mm512_set1_epi8(static_cast<char>(0x80)));
+        idx = _mm512_load_si512(kBlockIdx[j / 2]);
+      } else {
+        const uint8_t* q = r.qs + 16 * (g + j);
+        const __m256i v = j + 1 < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))
+                                    : _mm256_maskz_loadu_epi8(0xFFFF, q);  // an odd last block
+        const __m256i lo = _mm256_and_si256(v, low4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        idx = _mm512_load_si512(kPairIdx[j / 2]);
+      }
+      const int64_t pair = (g + j) / 2;
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) {
+        const int8_t* pq = P.q.data() + ((m0 + m) * P.npairs + pair) * 128;
+        __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(pq));
+        t = _mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), w, _mm512_loadu_si512(pq + 64));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(idx, cv[m]), acc[m]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m) y[m] = _mm512_reduce_add_ps(acc[m]) + _mm512_reduce_add_ps(off[m]);
+}
+
+template <QType T>
+void vnni_any(const uint8_t* row, int64_t K, const Planes& P, const float* sums, int64_t rows,
+              float* y) {
+  for (int64_t m0 = 0; m0 < rows; m0 += 4) {
+    switch (std::min<int64_t>(rows - m0, 4)) {
+      case 4: vnni_rows<T, 4>(row, K, P, m0, sums, y + m0); break;
+      case 3: vnni_rows<T, 3>(row, K, P, m0, sums, y + m0); break;
+      case 2: vnni_rows<T, 2>(row, K, P, m0, sums, y + m0); break;
+      default: vnni_rows<T, 1>(row, K, P, m0, sums, y + m0); break;
+    }
+  }
+}
+
+// ---- AVX2 + FMA ------------------------------------------------------------------------------
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+inline float half_f16c2(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return _cvtsh_ss(bits);
+}
+
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+void decode_row_256(const Format& f, const uint8_t* row, int64_t K, float* y) {
+  if (f.block != 32) return decode_row_plain(f, row, K, y);
+  const Row32 r = row32(f.type, row, K);
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  for (int64_t b = 0; b < r.nb; ++b, y += 32) {
+    const __m256 d = _mm256_set1_ps(half_f16c2(r.d + 2 * b));
+    const uint8_t* q = r.qs + qbytes(f.type) * b;
+    if (f.type == QType::Q8_0) {
+      for (int i = 0; i < 4; ++i) {
+        const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i));
+        _mm256_storeu_ps(y + 8 * i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d));
+      }
+      continue;
+    }
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int i = 0; i < 4; ++i) {
+      const __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]));
+      __m256 w;
+      if (f.type == QType::Q4_0) {  // (q - 8) * d, as the reference rounds it
+        w = _mm256_mul_ps(_mm256_sub_ps(qf, _mm256_set1_ps(8.f)), d);
+      } else {  // q * d + m rounded once (the reference rounds the product, then the sum)
+        w = _mm256_fmadd_ps(qf, d, _mm256_set1_ps(half_f16c2(r.m + 2 * b)));
+      }
+      _mm256_storeu_ps(y + 8 * i, w);
+    }
+  }
+}
+
+template <int MB>
+inline void dot_rows_256(const float* x, int64_t ldx, const float* w, int64_t K, float* y) {
+  __m256 acc[MB][4];
+#pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m256 wv = _mm256_loadu_ps(w + k + 8 * j);
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m)
+        acc[m][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * ldx + k + 8 * j), wv, acc[m][j]);
+    }
+#pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m) {
+    float s = hsum256(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]),
+                                    _mm256_add_ps(acc[m][2], acc[m][3])));
+    for (int64_t j = k; j < K; ++j) s += x[m * ldx + j] * w[j];
+    y[m] = s;
+  }
+}
+
+#pragma GCC pop_options
+#endif  // XLLM_X86
+
+enum class Isa { Plain, Avx2, Avx512 };
+
+bool has_vnni() {
+#ifdef XLLM_X86
+  static const bool yes = __builtin_cpu_supports("avx512vnni");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+Isa isa() {
+#ifdef XLLM_X86
+  static const Isa chosen = [] {
+    const auto cap = at::get_cpu_capability();
+    if (cap == "AVX512" && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+      return Isa::Avx512;
+    if ((cap == "AVX512" || cap == "AVX2") && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+      return Isa::Avx2;
+    return Isa::Plain;
+  }();
+  return chosen;
+#else
+  return Isa::Plain;
+#endif
+}
+
+void decode_row(Isa which, const Format& f, const uint8_t* row, int64_t K, float* y) {
+#ifdef XLLM_X86
+  if (which == Isa::Avx512) return decode_row_512(f, row, K, y);
+  if (which == Isa::Avx2) return decode_row_256(f, row, K, y);
+#endif
+  decode_row_plain(f, row, K, y);
+}
+
+template <int MB>
+void dot_rows(Isa which, const float* x, int64_t ldx, const float* w, int64_t K, float* y) {
+#ifdef XLLM_X86
+  if (which == Isa::Avx512) return dot_rows_512<MB>(x, ldx, w, K, y);
+  if (which == Isa::Avx2) return dot_rows_256<MB>(x, ldx, w, K, y);
+#endif
+  for (int m = 0; m < MB; ++m) y[m] = dot_plain(x + m * ldx, w, K);
+}
+
+void dot_any(Isa which, const float* x, int64_t ldx, int64_t rows, const float* w, int64_t K,
+             float* y) {
+  for (int64_t m0 = 0; m0 < rows; m0 += 4) {
+    const float* xm = x + m0 * ldx;
+    switch (std::min<int64_t>(rows - m0, 4)) {
+      case 4: dot_rows<4>(which, xm, ldx, w, K, y + m0); break;
+      case 3: dot_rows<3>(which, xm, ldx, w, K, y + m0); break;
+      case 2: dot_rows<2>(which, xm, ldx, w, K, y + m0); break;
+      default: dot_rows<1>(which, xm, ldx, w, K, y + m0); break;
+    }
+  }
+}
+
+int64_t in_features(const Format& f, const at::Tensor& qweight) {
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
+              "xllm::linear_q: qweight must be a contiguous uint8 [N, row_bytes] tensor");
+  TORCH_CHECK(qweight.size(1) % f.bytes == 0, "xllm::linear_q: row of ", qweight.size(1),
+              " bytes is not whole blocks of ", f.bytes);
+  return qweight.size(1) / f.bytes * f.block;
+}
+
+// out[M, N] (fp32, row stride N) for M <= kMaxRows activation rows x[M, K] (fp32, contiguous).
+void small(const Format& f, const float* x, int64_t M, int64_t K, const uint8_t* w,
+           int64_t row_bytes, int64_t N, const float* bias, float* out) {
+  const Isa which = isa();
+  const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(row_bytes, 1));
+  // each activation row's sums over its blocks of 32 (the q4_0 / q4_1 offsets' factor)
+  std::vector<float> sums;
+  if (f.block == 32) {
+    const int64_t nb = K / 32;
+    sums.resize(M * nb);
+    for (int64_t i = 0; i < M * nb; ++i) {
+      float s = 0.f;
+      for (int j = 0; j < 32; ++j) s += x[32 * i + j];
+      sums[i] = s;
+    }
+  }
+#ifdef XLLM_X86
+  const bool vnni = which == Isa::Avx512 && has_vnni() && f.block == 32;
+  Planes planes;
+  if (vnni) make_planes(x, M, K, f.type != QType::Q8_0, planes);
+#endif
+  xllm_parallel_for(N, grain, [&](int64_t n0, int64_t n1) {
+    std::vector<float> wrow(K);
+    float y[kMaxRows];
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = w + n * row_bytes;
+#ifdef XLLM_X86
+      if (n + 2 < n1)  // the row after next: the decode of this one hides its fetch
+        for (int64_t off = 0; off < row_bytes; off += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(row + 2 * row_bytes + off), _MM_HINT_T0);
+#endif
+#ifdef XLLM_X86
+      if (vnni && f.type == QType::Q4_1) {
+        vnni_any<QType::Q4_1>(row, K, planes, sums.data(), M, y);
+      } else if (vnni && f.type == QType::Q4_0) {
+        vnni_any<QType::Q4_0>(row, K, planes, sums.data(), M, y);
+      } else if (vnni) {
+        vnni_any<QType::Q8_0>(row, K, planes, sums.data(), M, y);
+      } else if (!(which == Isa::Avx512 && fused_512(f, row, K, x, sums.data(), M, y)))
+#endif
+      {
+        decode_row(which, f, row, K, wrow.data());
+        dot_any(which, x, K, M, wrow.data(), K, y);
+      }
+      const float b = bias ? bias[n] : 0.f;
+      for (int64_t m = 0; m < M; ++m) out[m * N + n] = y[m] + b;
+    }
+  });
+}
+
+// The whole weight decoded (fp32, [N, K]) into this thread's buffer, kept for the next call.
+at::Tensor decode_all(const Format& f, const at::Tensor& qweight, int64_t K) {
+  thread_local at::Tensor buffer;
+  const int64_t N = qweight.size(0), row_bytes = qweight.size(1);
+  if (!buffer.defined() || buffer.numel() < N * K) buffer = at::empty({N * K}, at::kFloat);
+  at::Tensor w = buffer.narrow(0, 0, N * K).view({N, K});
+  const uint8_t* src = qweight.const_data_ptr<uint8_t>();
+  float* dst = w.data_ptr<float>();
+  const Isa which = isa();
+  xllm_parallel_for(N, std::max<int64_t>(1, kGrainBytes / row_bytes), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) decode_row(which, f, src + n * row_bytes, K, dst + n * K);
+  });
+  return w;
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return shape;
+}
+
+at::Tensor& linear_q_out(const at::Tensor& x, const at::Tensor& qweight, c10::string_view qtype,
+                         const std::optional<at::Tensor>& bias, at::Tensor& out) {
+  const Format f = format_of(std::string_view(qtype.data(), qtype.size()));
+  const int64_t K = in_features(f, qweight), N = qweight.size(0);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "xllm::linear_q: x has ", x.size(-1),
+              " features, the weight ", K);
+  const auto shape = out_shape(x, N);
+  if (out.sizes() != at::IntArrayRef(shape)) out.resize_(shape);
+  const int64_t M = K ? x.numel() / K : 0;
+  if (M == 0) return out;
+  at::Tensor x2 = x.reshape({M, K});
+  if (M > kMaxRows) {
+    at::Tensor w = decode_all(f, qweight, K);
+    at::Tensor y = at::linear(x2.to(at::kFloat), w, bias ? std::optional<at::Tensor>(bias->to(at::kFloat)) : std::nullopt);
+    out.view({M, N}).copy_(y);
+    return out;
+  }
+  at::Tensor xf = x2.to(at::kFloat).contiguous();
+  at::Tensor bf = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const bool direct = out.scalar_type() == at::kFloat && out.is_contiguous();
+  at::Tensor y = direct ? out.view({M, N}) : at::empty({M, N}, x.options().dtype(at::kFloat));
+  small(f, xf.const_data_ptr<float>(), M, K, qweight.const_data_ptr<uint8_t>(), qweight.size(1), N,
+        bias ? bf.const_data_ptr<float>() : nullptr, y.data_ptr<float>());
+  if (!direct) out.view({M, N}).copy_(y);
+  return out;
+}
+
+at::Tensor linear_q(const at::Tensor& x, const at::Tensor& qweight, c10::string_view qtype,
+                    const std::optional<at::Tensor>& bias) {
+  at::Tensor out = at::empty(out_shape(x, qweight.size(0)), x.options());
+  return linear_q_out(x, qweight, qtype, bias, out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(xllm, CPU, m) {
+  m.impl("linear_q", &linear_q);
+  m.impl("linear_q.out", &linear_q_out);
+}
