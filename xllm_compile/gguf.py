@@ -39,7 +39,7 @@ SUPPORTED_TYPES = (
 )  # fmt: skip
 SHARD_BYTES = 256 << 20  # flush a safetensors shard at ~256 MB: bounded memory on big models
 # --quant keep: the GGUF's quantized matrices as they are, beside the dequantized folder
-BLOCKS_FILE = "gguf_blocks.safetensors"
+BLOCKS_FILE = "gguf_blocks/blocks.safetensors"  # not beside the shards: never loaded as one
 
 TOP_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -283,6 +283,7 @@ def _write_weights(reader, hf_config, out_dir, dtype, show_progress, shard_bytes
 def _save_blocks(blocks: dict, path: Path) -> None:
     qtypes = {name: qtype for name, (qtype, _) in blocks.items()}
     tensors = {name: raw for name, (_, raw) in blocks.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(tensors, path, metadata={"format": "pt", "qtypes": json.dumps(qtypes)})
 
 

@@ -1,6 +1,8 @@
 """Writing small GGUF files the way llama.cpp's convert_hf_to_gguf.py does (permuted q/k rows,
-F32 norms, F16 or Q8_0 matrices, a byte-level BPE tokenizer in the metadata), from a
-random-weight transformers Llama/Qwen model and a tiny BPE tokenizer trained here on fixed text."""
+F32 norms, F16 / Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K matrices, a byte-level BPE tokenizer in the
+metadata), from a random-weight transformers Llama/Qwen model and a tiny BPE tokenizer trained
+here on fixed text. gguf-py quantizes Q8_0/Q4_0/Q4_1; the K-quants are written by the simple
+quantizers below (valid blocks of ggml's layout, not llama.cpp's error-minimizing choices)."""
 
 from __future__ import annotations
 
@@ -89,6 +91,60 @@ def _add_metadata(writer: gguf.GGUFWriter, cfg, tok, chat_template: str = CHAT_T
         writer.add_chat_template(chat_template)
 
 
+def quantize_q4_k(x: np.ndarray) -> np.ndarray:
+    """Q4_K blocks [N, K / 256 * 144] of x [N, K]: 8 sub-blocks of 32 with 6-bit scale and min."""
+    n = x.shape[0]
+    sb = x.astype(np.float32).reshape(n, -1, 8, 32)
+    lo, hi = np.minimum(sb.min(-1), 0), sb.max(-1)
+    scale = (hi - lo) / 15  # [n, nb, 8]
+    d = scale.max(-1, keepdims=True) / 63
+    dmin = (-lo).max(-1, keepdims=True) / 63
+    d16, dmin16 = d.astype(np.float16), dmin.astype(np.float16)
+    sc = np.clip(np.round(scale / np.where(d > 0, d, 1)), 0, 63).astype(np.uint8)
+    mn = np.clip(np.round(-lo / np.where(dmin > 0, dmin, 1)), 0, 63).astype(np.uint8)
+    eff_d = d16.astype(np.float32) * sc
+    eff_m = dmin16.astype(np.float32) * mn
+    q = np.round((sb + eff_m[..., None]) / np.where(eff_d > 0, eff_d, 1)[..., None])
+    q = np.clip(q, 0, 15).astype(np.uint8).reshape(n, -1, 4, 2, 32)
+    qs = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(n, -1, 128)
+    scales = np.zeros((n, sc.shape[1], 12), np.uint8)
+    scales[..., 0:4] = sc[..., :4] | ((sc[..., 4:] >> 4) << 6)
+    scales[..., 4:8] = mn[..., :4] | ((mn[..., 4:] >> 4) << 6)
+    scales[..., 8:12] = (sc[..., 4:] & 0xF) | ((mn[..., 4:] & 0xF) << 4)
+    head = np.concatenate([d16.view(np.uint8), dmin16.view(np.uint8)], -1)
+    return np.concatenate([head, scales, qs], -1).reshape(n, -1)
+
+
+def quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """Q6_K blocks [N, K / 256 * 210] of x [N, K]: 16 sub-blocks of 16 with int8 scales."""
+    n = x.shape[0]
+    sb = x.astype(np.float32).reshape(n, -1, 16, 16)
+    amax = np.abs(sb).max(-1)  # [n, nb, 16]
+    d = (amax / 32).max(-1, keepdims=True) / 127
+    d16 = d.astype(np.float16)
+    sc = np.clip(np.round(amax / 32 / np.where(d > 0, d, 1)), -128, 127).astype(np.int8)
+    eff = d16.astype(np.float32) * sc
+    q = np.clip(np.round(sb / np.where(eff > 0, eff, 1)[..., None]), -32, 31) + 32
+    q = q.astype(np.uint8).reshape(n, -1, 2, 4, 32)  # [.., half, quarter, l]
+    ql = np.concatenate(
+        [
+            q[..., 0, :] & 0xF | ((q[..., 2, :] & 0xF) << 4),
+            q[..., 1, :] & 0xF | ((q[..., 3, :] & 0xF) << 4),
+        ],
+        -1,
+    ).reshape(n, -1, 128)
+    qh = (
+        (q[..., 0, :] >> 4)
+        | ((q[..., 1, :] >> 4) << 2)
+        | ((q[..., 2, :] >> 4) << 4)
+        | ((q[..., 3, :] >> 4) << 6)
+    ).reshape(n, -1, 64)
+    return np.concatenate([ql, qh, sc.view(np.uint8), d16.view(np.uint8)], -1).reshape(n, -1)
+
+
+K_QUANTIZERS = {"Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}
+
+
 def _tensor(name: str, w: torch.Tensor, cfg, qtype: str) -> tuple[np.ndarray, object]:
     permuted = cfg.model_type == "llama"  # llama.cpp permutes q/k for Llama, not for Qwen2/3
     if permuted and ".attn_q." in name:
@@ -101,13 +157,21 @@ def _tensor(name: str, w: torch.Tensor, cfg, qtype: str) -> tuple[np.ndarray, ob
     if qtype == "F16":
         return data.astype(np.float16), None
     kind = getattr(gguf.GGMLQuantizationType, qtype)
+    if qtype in K_QUANTIZERS:
+        return K_QUANTIZERS[qtype](data), kind
     return gguf.quants.quantize(data, kind), kind
 
 
 def write_gguf(
-    path: Path, model, tok, qtype: str = "F16", chat_template: str = CHAT_TEMPLATE
+    path: Path,
+    model,
+    tok,
+    qtype: str = "F16",
+    chat_template: str = CHAT_TEMPLATE,
+    overrides: dict[str, str] | None = None,
 ) -> Path:
-    """Write `model` (a transformers Llama/Qwen2/Qwen3 CausalLM) as llama.cpp would."""
+    """Write `model` (a transformers Llama/Qwen2/Qwen3 CausalLM) as llama.cpp would, its
+    matrices as `qtype`; `overrides`: a type per tensor kind ("attn_v": "Q6_K", as Q4_K_M)."""
     cfg = model.config
     writer = gguf.GGUFWriter(str(path), cfg.model_type)
     _add_metadata(writer, cfg, tok, chat_template)
@@ -117,7 +181,8 @@ def write_gguf(
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # a tied model has no `output` tensor
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        data, raw_dtype = _tensor(name, w, cfg, qtype)
+        kind = name.split(".")[-2]
+        data, raw_dtype = _tensor(name, w, cfg, (overrides or {}).get(kind, qtype))
         writer.add_tensor(name, data, raw_dtype=raw_dtype)
     _finish(writer)
     return path

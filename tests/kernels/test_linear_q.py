@@ -1,0 +1,154 @@
+"""xllm::linear_q over ggml blocks: the layouts against the gguf package (quantizers bit for bit,
+dequantizers value for value), the CPU kernel against dequantize-then-matmul at many shapes, odd
+row and block counts, both dtypes, with and without bias, `.out`, and on every ISA path this
+machine runs (ATEN_CPU_CAPABILITY forces the lower ones, in a child process each)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as GT
+
+import xllm_compile.kernels  # noqa: F401  (registers the ops)
+from xllm_compile.kernels.cpu import ensure_loaded
+from xllm_compile.kernels.linear_q import (
+    FORMATS,
+    dequantize,
+    dequantize_ggml,
+    linear_q_ref,
+    quantize,
+    quantize_ggml,
+    regroup,
+    ungroup,
+)
+
+GGML = {"q8_0": GT.Q8_0, "q4_0": GT.Q4_0, "q4_1": GT.Q4_1, "q4_k": GT.Q4_K, "q6_k": GT.Q6_K}
+# the kernel's activations are fp32, or, on AVX512-VNNI, kept to 16 bits a block of 32 (two int8
+# planes): ~4e-5 of the largest output at worst here
+TOL = {torch.float32: 2e-4, torch.bfloat16: 2e-2}
+
+
+def random_blocks(qtype: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """This op's rows of a random weight: quantized (32-value formats) or random bytes with
+    small fp16 scales (the K-quants, which have no quantizer here)."""
+    g = torch.Generator().manual_seed(seed)
+    if FORMATS[qtype][0] == 32:
+        return quantize(torch.randn(n, k, generator=g) * 0.05, qtype)
+    block, nbytes = FORMATS[qtype]
+    raw = torch.randint(0, 256, (n, k // block, nbytes), dtype=torch.uint8, generator=g)
+    scale = torch.tensor([0.002], dtype=torch.float16).view(torch.uint8)
+    if qtype == "q4_k":
+        raw[..., 0:2], raw[..., 2:4] = scale, scale
+    else:
+        raw[..., 208:210] = scale
+    return raw.reshape(n, -1)
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1"])
+def test_quantizers_are_ggmls_bit_for_bit(qtype):
+    w = torch.randn(37, 96) * 0.1
+    w[3, :32] = 0  # an all-zero block (scale 0)
+    mine = quantize_ggml(w, qtype)
+    theirs = gguf.quants.quantize(w.numpy(), GGML[qtype])
+    assert np.array_equal(mine.numpy(), theirs.reshape(mine.shape))
+    rows = quantize(w, qtype)
+    assert torch.equal(ungroup(rows, qtype), mine)
+    assert torch.equal(regroup(mine, qtype), rows)
+    assert not torch.equal(rows, mine)  # regrouped: scales first, then the values
+
+
+@pytest.mark.parametrize("qtype", list(FORMATS))
+def test_dequantize_is_the_gguf_packages(qtype):
+    rows = random_blocks(qtype, 9, 512)
+    theirs = gguf.quants.dequantize(ungroup(rows, qtype).numpy(), GGML[qtype]).reshape(9, 512)
+    assert np.array_equal(dequantize(rows, qtype).numpy(), theirs)
+    assert np.array_equal(dequantize_ggml(ungroup(rows, qtype), qtype).numpy(), theirs)
+
+
+def test_int4_search_lowers_the_error():
+    w = torch.randn(64, 256) * 0.05
+    plain = (dequantize(quantize(w, "q4_1"), "q4_1") - w).pow(2).sum()
+    searched = (dequantize(quantize(w, "q4_1", search=True), "q4_1") - w).pow(2).sum()
+    assert searched < 0.95 * plain
+
+
+SHAPES = {  # (N, K): odd row counts, an odd number of 32-blocks (K = 96), SmolLM2's K
+    32: [(1, 32), (7, 96), (33, 160), (67, 576), (130, 1536)],
+    256: [(3, 256), (41, 512), (67, 768)],
+}
+
+
+def _check_kernel(qtype, n, k, rows, dtype, bias):
+    q = random_blocks(qtype, n, k, seed=n + k)
+    x = torch.randn(rows, k).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    y = torch.ops.xllm.linear_q(x, q, qtype, b)
+    ref = linear_q_ref(x, q, qtype, b)
+    assert y.dtype == dtype and y.shape == (rows, n)
+    err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    assert err < TOL[dtype], (qtype, n, k, rows, dtype, err)
+
+
+@pytest.mark.skipif(ensure_loaded() is not None, reason="no C++ kernels on this machine")
+@pytest.mark.parametrize("qtype", list(FORMATS))
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16, 17, 40])
+def test_kernel_matches_dequantize_then_matmul(qtype, rows):
+    for n, k in SHAPES[FORMATS[qtype][0]]:
+        _check_kernel(qtype, n, k, rows, torch.float32, bias=rows % 2 == 1)
+    n, k = SHAPES[FORMATS[qtype][0]][1]
+    _check_kernel(qtype, n, k, rows, torch.bfloat16, bias=True)
+
+
+@pytest.mark.skipif(ensure_loaded() is not None, reason="no C++ kernels on this machine")
+@pytest.mark.parametrize("qtype", list(FORMATS))
+def test_out_overload_and_rows_independent_of_the_batch(qtype):
+    k = 512
+    q = random_blocks(qtype, 45, k)
+    x = torch.randn(6, k)
+    out = torch.empty(6, 45)
+    got = torch.ops.xllm.linear_q.out(x, q, qtype, None, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, linear_q_ref(x, q, qtype), rtol=0, atol=2e-4 * out.abs().max())
+    # a row's result does not depend on the other rows of its call (bucket padding)
+    alone = torch.ops.xllm.linear_q(x[2:3], q, qtype)
+    assert torch.equal(alone[0], out[2])
+    # a 3-D activation keeps its leading dims
+    assert torch.ops.xllm.linear_q(x.reshape(2, 3, k), q, qtype).shape == (2, 3, 45)
+
+
+@pytest.mark.skipif(ensure_loaded() is not None, reason="no C++ kernels on this machine")
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_lower_isa_paths(capability):
+    """ATEN_CPU_CAPABILITY=avx2 runs the AVX2 decoders, =default the plain C++ ones."""
+    if capability == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2")
+    script = textwrap.dedent(
+        """
+        import torch, sys
+        sys.path.insert(0, sys.argv[1])
+        from test_linear_q import FORMATS, SHAPES, _check_kernel
+        assert torch.backends.cpu.get_cpu_capability() == sys.argv[2].upper(), sys.argv[2]
+        for qtype in FORMATS:
+            for n, k in SHAPES[FORMATS[qtype][0]][:3]:
+                for rows in (1, 3, 5, 17):
+                    _check_kernel(qtype, n, k, rows, torch.float32, bias=True)
+        print("ok")
+        """
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    here = os.path.dirname(__file__)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, here, capability],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
