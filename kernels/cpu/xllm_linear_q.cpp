@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -307,21 +308,21 @@ bool fused_512(const Format& f, const uint8_t* row, int64_t K, const float* x, c
 // Two blocks a register: bytes [b0 v0-15 | b1 v0-15 | b0 v16-31 | b1 v16-31] (a 32-byte load of
 // the regrouped values, low nibbles then high), so the planes are stored in that order and the
 // int32 lanes 0-3, 8-11 belong to b0, 4-7, 12-15 to b1.
+constexpr int kPlanes = 3;
+
 struct Planes {
-  std::vector<int8_t> q;     // [M][npairs][2 planes][64]
-  std::vector<float> scale;  // [M][nb]: s / 256
-  std::vector<float> corr;   // [M][nb]: -(s / 2) * sum(256 hi + lo): q8_0's +128 weight offset
+  std::vector<int8_t> q;     // [M][npairs][kPlanes][64]
+  std::vector<float> scale;  // [M][nb]: s / 65536
   int64_t nb = 0, npairs = 0;
 };
 
-// The planes of M activation rows. `split`: the 4-bit order (values 0-15 of the pair's two
-// blocks, then 16-31); else q8_0's (block after block).
-void make_planes(const float* x, int64_t M, int64_t K, bool split, Planes& p) {
+// The planes of M activation rows, in the 4-bit order (values 0-15 of a pair's two blocks, then
+// their values 16-31).
+void make_planes(const float* x, int64_t M, int64_t K, Planes& p) {
   p.nb = K / 32;
   p.npairs = (p.nb + 1) / 2;
-  p.q.assign(M * p.npairs * 128, 0);
+  p.q.assign(M * p.npairs * 64 * kPlanes, 0);
   p.scale.assign(M * p.nb, 0.f);
-  p.corr.assign(M * p.nb, 0.f);
   const __m512 sign = _mm512_set1_ps(-0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < p.nb; ++b) {
@@ -330,25 +331,31 @@ void make_planes(const float* x, int64_t M, int64_t K, bool split, Planes& p) {
       const float amax = _mm512_reduce_max_ps(
           _mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
       const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      p.scale[m * p.nb + b] = s / 256.f;
-      int8_t* hi = p.q.data() + (m * p.npairs + b / 2) * 128;
-      int8_t* lo = hi + 64;
+      p.scale[m * p.nb + b] = s / 65536.f;
+      int8_t* hi = p.q.data() + (m * p.npairs + b / 2) * 64 * kPlanes;
+      int8_t* mid = hi + 64;
+      int8_t* lo = hi + 128;
       const __m512 vinv = _mm512_set1_ps(inv), k256 = _mm512_set1_ps(256.f);
-      __m512i total = _mm512_setzero_si512();
       const __m512 halves[2] = {x0, x1};
       for (int h = 0; h < 2; ++h) {
         const __m512 v = _mm512_mul_ps(halves[h], vinv);
-        const __m512 vh = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m512 vl = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(v, vh), k256),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        vl = _mm512_min_ps(_mm512_max_ps(vl, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f));
-        const __m512i ih = _mm512_cvtps_epi32(vh), il = _mm512_cvtps_epi32(vl);
-        total = _mm512_add_epi32(total, _mm512_add_epi32(_mm512_slli_epi32(ih, 8), il));
-        const int at = split ? h * 32 + (b & 1) * 16 : (b & 1) * 32 + h * 16;
+        __m512 vh = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512 r1 = _mm512_mul_ps(_mm512_sub_ps(v, vh), k256);  // in [-128, 128]
+        __m512 vm = _mm512_roundscale_ps(r1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512 vl = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(r1, vm), k256),
+                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        // a middle digit of 128 does not fit int8: carry it (h + 1, -128), the same number
+        const __mmask16 carry = _mm512_cmp_ps_mask(vm, _mm512_set1_ps(127.5f), _CMP_GT_OQ);
+        vh = _mm512_mask_add_ps(vh, carry, vh, _mm512_set1_ps(1.f));
+        vm = _mm512_mask_mov_ps(vm, carry, _mm512_set1_ps(-128.f));
+        const __m512i ih = _mm512_cvtps_epi32(vh), im = _mm512_cvtps_epi32(vm);
+        const __m512i il = _mm512_cvtps_epi32(
+            _mm512_min_ps(_mm512_max_ps(vl, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f)));
+        const int at = h * 32 + (b & 1) * 16;
         _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at), _mm512_cvtsepi32_epi8(ih));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(mid + at), _mm512_cvtsepi32_epi8(im));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at), _mm512_cvtsepi32_epi8(il));
       }
-      p.corr[m * p.nb + b] = -(s / 2.f) * static_cast<float>(_mm512_reduce_add_epi32(total));
     }
 }
 
@@ -360,17 +367,6 @@ alignas(64) static const int32_t kPairIdx[8][16] = {
 #undef XLLM_PAIR
 };
 
-alignas(64) static const int32_t kBlockIdx[8][16] = {
-#define XLLM_PAIR(p) {2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, \
-                      2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1}
-    XLLM_PAIR(0), XLLM_PAIR(1), XLLM_PAIR(2), XLLM_PAIR(3),
-    XLLM_PAIR(4), XLLM_PAIR(5), XLLM_PAIR(6), XLLM_PAIR(7),
-#undef XLLM_PAIR
-};
-
-// q8_0 (signed weights): vpdpbusd wants one unsigned side, so the weights' sign bit is flipped
-// (w + 128 as u8, one xor); what the +128 adds, 128 * sum(256 hi + lo) a block, comes back out
-// with the offsets (Planes::corr).
 template <QType T, int MB>
 inline void vnni_rows(const uint8_t* row, int64_t K, const Planes& P, int64_t m0,
                       const float* sums, float* y) {
@@ -384,39 +380,30 @@ inline void vnni_rows(const uint8_t* row, int64_t K, const Planes& P, int64_t m0
     const int64_t n = std::min<int64_t>(16, nb - g);
     const __mmask16 mask = n == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
     const __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, r.d + 2 * g));
-    // the offsets: q4_1 + m * sum(x), q4_0 - 8 d * sum(x), q8_0 + d * corr
-    const __m512 ov = T == QType::Q4_1   ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, r.m + 2 * g))
-                      : T == QType::Q4_0 ? _mm512_mul_ps(dv, _mm512_set1_ps(-8.f))
-                                         : dv;
-    const float* of = T == QType::Q8_0 ? P.corr.data() : sums;
+    // the offsets: q4_1 + m * sum(x), q4_0 - 8 d * sum(x)
+    const __m512 ov = T == QType::Q4_1
+                          ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, r.m + 2 * g))
+                          : _mm512_mul_ps(dv, _mm512_set1_ps(-8.f));
 #pragma GCC unroll 4
     for (int m = 0; m < MB; ++m) {
       cv[m] = _mm512_mul_ps(dv, _mm512_maskz_loadu_ps(mask, P.scale.data() + (m0 + m) * nb + g));
-      off[m] = _mm512_fmadd_ps(ov, _mm512_maskz_loadu_ps(mask, of + (m0 + m) * nb + g), off[m]);
+      off[m] = _mm512_fmadd_ps(ov, _mm512_maskz_loadu_ps(mask, sums + (m0 + m) * nb + g), off[m]);
     }
     for (int64_t j = 0; j < n; j += 2) {
-      __m512i w, idx;
-      if constexpr (T == QType::Q8_0) {
-        const uint8_t* q = r.qs + 32 * (g + j);
-        const __m512i v = j + 1 < n ? _mm512_loadu_si512(q)
-                                    : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, q);  // odd last
-        w = _mm512_xor_si512(v, _mm512_set1_epi8(static_cast<char>(0x80)));
-        idx = _mm512_load_si512(kBlockIdx[j / 2]);
-      } else {
-        const uint8_t* q = r.qs + 16 * (g + j);
-        const __m256i v = j + 1 < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))
-                                    : _mm256_maskz_loadu_epi8(0xFFFF, q);  // an odd last block
-        const __m256i lo = _mm256_and_si256(v, low4);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-        w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-        idx = _mm512_load_si512(kPairIdx[j / 2]);
-      }
+      const uint8_t* q = r.qs + 16 * (g + j);
+      const __m256i v = j + 1 < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))
+                                  : _mm256_maskz_loadu_epi8(0xFFFF, q);  // an odd last block
+      const __m256i lo = _mm256_and_si256(v, low4);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+      const __m512i idx = _mm512_load_si512(kPairIdx[j / 2]);
       const int64_t pair = (g + j) / 2;
 #pragma GCC unroll 4
       for (int m = 0; m < MB; ++m) {
-        const int8_t* pq = P.q.data() + ((m0 + m) * P.npairs + pair) * 128;
+        const int8_t* pq = P.q.data() + ((m0 + m) * P.npairs + pair) * 64 * kPlanes;
         __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(pq));
         t = _mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), w, _mm512_loadu_si512(pq + 64));
+        t = _mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), w, _mm512_loadu_si512(pq + 128));
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(idx, cv[m]), acc[m]);
       }
     }
@@ -515,9 +502,12 @@ inline void dot_rows_256(const float* x, int64_t ldx, const float* w, int64_t K,
 
 enum class Isa { Plain, Avx2, Avx512 };
 
+// The integer path runs where the CPU has AVX512-VNNI, unless XLLM_QUANT_ACTIVATIONS=fp32 asks
+// for fp32 activations throughout (slower; the reference's numbers to the fp32 sums' order).
 bool has_vnni() {
 #ifdef XLLM_X86
-  static const bool yes = __builtin_cpu_supports("avx512vnni");
+  static const bool yes = __builtin_cpu_supports("avx512vnni") &&
+                          std::string_view(std::getenv("XLLM_QUANT_ACTIVATIONS") ?: "") != "fp32";
   return yes;
 #else
   return false;
@@ -596,9 +586,11 @@ void small(const Format& f, const float* x, int64_t M, int64_t K, const uint8_t*
     }
   }
 #ifdef XLLM_X86
-  const bool vnni = which == Isa::Avx512 && has_vnni() && f.block == 32;
+  // q8_0 keeps the fp32 path: three planes of 8-bit weights would overflow int32
+  const bool vnni = which == Isa::Avx512 && has_vnni() &&
+                    (f.type == QType::Q4_0 || f.type == QType::Q4_1);
   Planes planes;
-  if (vnni) make_planes(x, M, K, f.type != QType::Q8_0, planes);
+  if (vnni) make_planes(x, M, K, planes);
 #endif
   xllm_parallel_for(N, grain, [&](int64_t n0, int64_t n1) {
     std::vector<float> wrow(K);
@@ -613,10 +605,8 @@ void small(const Format& f, const float* x, int64_t M, int64_t K, const uint8_t*
 #ifdef XLLM_X86
       if (vnni && f.type == QType::Q4_1) {
         vnni_any<QType::Q4_1>(row, K, planes, sums.data(), M, y);
-      } else if (vnni && f.type == QType::Q4_0) {
-        vnni_any<QType::Q4_0>(row, K, planes, sums.data(), M, y);
       } else if (vnni) {
-        vnni_any<QType::Q8_0>(row, K, planes, sums.data(), M, y);
+        vnni_any<QType::Q4_0>(row, K, planes, sums.data(), M, y);
       } else if (!(which == Isa::Avx512 && fused_512(f, row, K, x, sums.data(), M, y)))
 #endif
       {
