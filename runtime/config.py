@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from xllm_compile.errors import ConfigError
 
 KV_CACHES = ("paged", "contiguous")
-GRAPH_BACKENDS = ("eager", "inductor", "cuda_graph")
+GRAPH_BACKENDS = ("eager", "cpu_graph", "inductor", "cuda_graph")
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,12 @@ class RuntimeConfig:
         kv_page_size: bytes per KV page (a multiple of the OS / driver granularity); default:
             16 tokens of every layer's K and V, rounded up to that granularity.
         graph_cache: run steps through the multi-graph cache (True: the device's default
-            backend, CUDA graphs on GPU; or "eager" / "inductor" / "cuda_graph").
+            backend, CUDA graphs on GPU, CPU graphs on the CPU (runtime/cpu_graph.py); or
+            "eager" / "cpu_graph" / "inductor" / "cuda_graph").
         warmup: build every graph-cache bucket now instead of on first use.
         arena: run the graph cache's bucket programs over one activation arena laid out by the
-            artifact's arena plans (None: yes with CUDA graphs, when the artifact has plans).
+            artifact's arena plans (None: yes with CUDA or CPU graphs, when the artifact has
+            plans).
         trust: a file of trusted ed25519 public keys: refuse the artifact unless its manifest
             is signed by one of them (signing.py); None: integrity checks only.
         tp_timeout_s: a tensor-parallel artifact: how long a step may wait on the other

@@ -91,13 +91,17 @@ def load(path: str | Path, config: RuntimeConfig | None = None, **overrides) -> 
         from xllm_compile.runtime.model_runner import attach_graph_cache
 
         backend = c.graph_backend
+        if backend is None and tp_size > 1:
+            backend = "eager"  # _check_tp: a --tp artifact runs the eager graph cache only
         if backend == "cuda_graph" and not device.startswith("cuda"):
             raise ConfigError(
                 f"graph cache 'cuda_graph' needs a CUDA device, and this runs on {device}: "
                 "use eager or inductor"
             )
         cuda_graphs = backend == "cuda_graph" or (backend is None and device.startswith("cuda"))
-        wanted = arena or (arena is None and cuda_graphs)  # the default: with CUDA graphs
+        # the default: with a recorded graph (CUDA or CPU), whose outputs then stay in place
+        cpu_graphs = backend == "cpu_graph" or (backend is None and not device.startswith("cuda"))
+        wanted = arena or (arena is None and (cuda_graphs or cpu_graphs))
         plans = read_arena_plans(art, graph_module) if wanted else []
         if arena and (not plans or backend == "inductor"):
             why = (
@@ -127,7 +131,7 @@ def _check_tp(art: artifact.Artifact, device: str, size: int, graph_cache) -> st
 
     kind = torch.device(device).type
     eager = graph_cache in (False, "eager") or (graph_cache is True and kind == "cpu")
-    if not eager:  # graph_cache=True off the CPU means CUDA graphs
+    if not eager:  # graph_cache=True off the CPU means CUDA graphs; on it, eager for --tp
         raise ConfigError(
             f"{art.path} is a --tp {size} artifact: it runs with the eager graph cache or none, "
             "for now"

@@ -133,7 +133,7 @@ class ModelRunner:
         arena: bool | None = None,
     ) -> ModelRunner:
         """Route steps through shape buckets. `backend`: "cuda_graph" (the default on CUDA),
-        "eager" (the default on CPU) or "inductor"; `max_entries`/`max_bytes`: how many
+        "cpu_graph" (the default on CPU), "eager" or "inductor"; `max_entries`/`max_bytes`: how many
         executables, and how much memory held by them, are kept: past either, the least
         recently used are evicted first; `buckets`: the manifest's (compile-time) choice, else
         the defaults; `prefill`: bucket prefill steps too (default: yes for CUDA graphs and
@@ -143,7 +143,7 @@ class ModelRunner:
         Enabling again starts a new cache: no entries, fresh counters."""
         self.entries.clear()
         self.stats, self.arena, self.prefill_buckets = RunnerStats(), None, ()
-        self.backend = backend or ("cuda_graph" if self.device.type == "cuda" else "eager")
+        self.backend = backend or ("cuda_graph" if self.device.type == "cuda" else "cpu_graph")
         if self.backend not in BACKENDS:
             raise ValueError(f"graph cache backend {self.backend!r}; choose from {BACKENDS}")
         self.use_cuda_graphs = self.backend == "cuda_graph"
@@ -157,7 +157,9 @@ class ModelRunner:
             buckets.get("kv_len", B.kv_len_buckets(kv_cache.max_len)), kv_cache.max_len
         )
         if prefill is None:
-            prefill = self.backend != "eager"
+            # padding a prefill to its bucket adds work; compiling it (Inductor) or capturing
+            # it (CUDA graphs) pays for that; on the CPU the kernels dominate a prefill
+            prefill = self.backend not in ("eager", "cpu_graph")
         max_num_tokens = max_num_tokens or kv_cache.max_len
         if prefill:
             sizes = buckets.get("prefill_tokens", B.prefill_token_buckets(max_num_tokens))
@@ -168,7 +170,7 @@ class ModelRunner:
         self.pad_slot = kv_cache.allocate(1)  # scratch slot for padding rows, held for good
         self.plans = list(arena_plans or [])
         if arena is None:
-            arena = self.use_cuda_graphs and bool(self.plans)
+            arena = self.backend in ("cuda_graph", "cpu_graph") and bool(self.plans)
         if arena and (self.backend == "inductor" or not self.plans):
             why = "Inductor plans its own buffers" if self.plans else "no arena plans were given"
             raise ValueError(f"graph cache arena: {why}")
@@ -269,8 +271,8 @@ class ModelRunner:
         entry.uses += 1
         self.programs.runs[entry.variant] += 1
         if entry.graph is not None:
-            entry.graph.replay()
-            return entry.output[:batch]
+            outputs = entry.graph.replay()  # a CUDA graph leaves them in entry.output
+            return (outputs[0] if entry.output is None else entry.output)[:batch]
         return self._call(entry.args, kv_tensor[:, :, :, : key[-1]], entry.callable)[:batch]
 
     def _call(self, args: list[torch.Tensor], kv_view: torch.Tensor, fn) -> torch.Tensor:

@@ -8,6 +8,8 @@ calls or replays.
   - inductor: the program compiled by Inductor for the bucket's static shapes (one compiled
     function per program variant, recompiled per bucket; Inductor's on-disk cache, under
     ~/.cache/xllm_compile/inductor, lets a second process skip the compile);
+  - cpu_graph: the program (or its arena program) recorded once over the entry's static buffers
+    and replayed as a flat list of kernel calls (runtime/cpu_graph.py; the CPU default);
   - cuda_graph: the program (or its arena program) captured into a CUDA graph over the entry's
     static buffers, replayed after the step's inputs are copied in; all graphs share one
     memory pool, since one runs at a time.
@@ -24,7 +26,7 @@ from typing import Protocol
 
 import torch
 
-BACKENDS = ("cuda_graph", "eager", "inductor")
+BACKENDS = ("cpu_graph", "cuda_graph", "eager", "inductor")
 
 
 @dataclass
@@ -35,7 +37,7 @@ class Entry:
     # (a view of the arena's input region when the entry runs over the arena)
     args: list[torch.Tensor]  # its seven views, in trace.INPUT_NAMES order
     output: torch.Tensor | None = None  # [Bp, V] static logits (CUDA graphs)
-    graph: torch.cuda.CUDAGraph | None = None
+    graph: object = None  # a torch.cuda.CUDAGraph or a cpu_graph.CpuGraph, replayed each step
     fn: object = None  # the Inductor-compiled or arena program, else None: the program itself
     program: object = None  # the program (variant) of the bucket's token count
     variant: str = "base"
@@ -110,6 +112,20 @@ def _inductor_counters() -> tuple[int, int]:
     return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
 
+class CpuGraphBuilder:
+    name = "cpu_graph"
+
+    def build(self, entry: Entry, kv_view: torch.Tensor, call: Call) -> None:
+        """Record the entry's program over its static buffers (its outputs: a replay's)."""
+        from xllm_compile.runtime.cpu_graph import CpuGraph
+
+        def record(*args):
+            entry.graph = CpuGraph.capture(entry.callable, args)
+            return entry.graph.replay()
+
+        call(entry.args, kv_view, record)
+
+
 class CudaGraphBuilder:
     name = "cuda_graph"
 
@@ -137,4 +153,6 @@ def make_builder(backend: str, device: torch.device, stats, num_keys: int) -> St
         return CudaGraphBuilder(device)
     if backend == "inductor":
         return InductorBuilder(stats, num_keys)
+    if backend == "cpu_graph":
+        return CpuGraphBuilder()
     return EagerBuilder()

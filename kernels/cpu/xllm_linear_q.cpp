@@ -33,6 +33,11 @@ namespace {
 
 constexpr int64_t kMaxRows = 16;  // activation rows on the streaming kernel; ATen beyond
 constexpr int64_t kGrainBytes = 32 << 10;  // packed weight bytes per parallel task
+// (XLLM_PREFETCH_BYTES overrides it, for tuning on another machine)
+const int64_t kPrefetchBytes = [] {
+  const char* v = std::getenv("XLLM_PREFETCH_BYTES");
+  return v ? std::atoll(v) : int64_t{4096};
+}();
 
 enum class QType { Q8_0, Q4_0, Q4_1, Q4_K, Q6_K };
 
@@ -598,9 +603,13 @@ void small(const Format& f, const float* x, int64_t M, int64_t K, const uint8_t*
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* row = w + n * row_bytes;
 #ifdef XLLM_X86
-      if (n + 2 < n1)  // the row after next: the decode of this one hides its fetch
-        for (int64_t off = 0; off < row_bytes; off += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(row + 2 * row_bytes + off), _MM_HINT_T0);
+      // ~kPrefetchBytes ahead of the row being multiplied: enough bytes in flight to cover the
+      // memory latency at this thread's share of the bandwidth
+      for (int64_t off = 0; off < row_bytes; off += 64) {
+        const int64_t ahead = (n - n0) * row_bytes + off + kPrefetchBytes;
+        if (ahead < (n1 - n0) * row_bytes)
+          _mm_prefetch(reinterpret_cast<const char*>(w + n0 * row_bytes + ahead), _MM_HINT_T0);
+      }
 #endif
 #ifdef XLLM_X86
       if (vnni && f.type == QType::Q4_1) {
