@@ -26,7 +26,8 @@ class RuntimeConfig:
             16 tokens of every layer's K and V, rounded up to that granularity.
         graph_cache: run steps through the multi-graph cache (True: the device's default
             backend, CUDA graphs on GPU, CPU graphs on the CPU (runtime/cpu_graph.py); or
-            "eager" / "cpu_graph" / "inductor" / "cuda_graph").
+            "eager" / "cpu_graph" / "inductor" / "cuda_graph"; "auto": CPU graphs for a
+            one-rank artifact on the CPU, else none: the CLI's default).
         warmup: build every graph-cache bucket now instead of on first use.
         arena: run the graph cache's bucket programs over one activation arena laid out by the
             artifact's arena plans (None: yes with CUDA or CPU graphs, when the artifact has
@@ -52,7 +53,7 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if self.kv_cache is not None and self.kv_cache not in KV_CACHES:
             raise ConfigError(f"kv_cache must be 'paged' or 'contiguous', got {self.kv_cache!r}")
-        if self.graph_cache not in (False, True, *GRAPH_BACKENDS):
+        if self.graph_cache not in (False, True, "auto", *GRAPH_BACKENDS):
             raise ConfigError(
                 f"graph_cache must be a bool or one of {', '.join(GRAPH_BACKENDS)}, "
                 f"got {self.graph_cache!r}"

@@ -51,6 +51,9 @@ def load(path: str | Path, config: RuntimeConfig | None = None, **overrides) -> 
     device = device or m["device"]
     check_device(device)
     tp_size = (m.get("tp") or {}).get("size", 1)
+    if graph_cache == "auto":  # CPU graphs where they apply (runtime/cpu_graph.py)
+        graph_cache = "cpu_graph" if tp_size == 1 and device == "cpu" else False
+        c = dataclasses.replace(c, graph_cache=graph_cache)
     if tp_size > 1:
         device = _check_tp(art, device, tp_size, graph_cache)
     graph_module = _load_program(art)

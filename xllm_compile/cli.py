@@ -153,17 +153,19 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--graph-cache",
-        default=None,
+        default="auto",
         dest="graph_cache",
-        choices=["eager", "inductor", "cuda_graph"],
-        help="run decode steps through the multi-graph cache with this backend",
+        choices=["auto", "none", "eager", "cpu_graph", "inductor", "cuda_graph"],
+        help="run decode steps through the multi-graph cache with this backend (default auto: "
+        "cpu_graph, each bucket's step recorded once and replayed without Python, for a "
+        "one-rank artifact on the CPU; none elsewhere)",
     )
     p.add_argument(
         "--arena",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="graph cache: run bucket programs over one activation arena laid out at compile "
-        "time (default: on with cuda_graph when the artifact has arena plans)",
+        "time (default: on with cuda_graph and cpu_graph when the artifact has arena plans)",
     )
     p.add_argument(
         "--trust",
@@ -192,7 +194,7 @@ def _load(args: argparse.Namespace, **extra):
         device=args.device,
         kv_cache=args.kv_cache,
         kv_memory=memory,
-        graph_cache=args.graph_cache or False,
+        graph_cache=False if args.graph_cache == "none" else args.graph_cache,
         arena=args.arena,
         trust=args.trust,
         tp_timeout_s=args.tp_timeout_s,

@@ -1,14 +1,21 @@
 // xllm::linear_q: y = x @ dequant(W)^T (+ b) over weights stored as ggml's quantized blocks
-// (kernels/linear_q.py documents the five layouts: q8_0, q4_0, q4_1, q4_k, q6_k). A decode step
-// is little else than streaming these bytes, so for the few rows of a step (<= kMaxRows) each
-// weight row is decoded once, into fp32 in L1 (the same numbers the reference dequantizes), and
-// multiplied with every activation row while it is there; activations stay fp32 (no int8
-// activation rounding: the result is the reference's up to the order of the fp32 sums). Rows
-// are split over ATen's threads in runs of consecutive rows (one forward stream per thread, the
-// next rows prefetched). The decoders and the dot are written for AVX512 and for AVX2+FMA, and
-// in plain C++ for anything else; the path follows at::get_cpu_capability(), so
-// ATEN_CPU_CAPABILITY=avx2|default forces the lower ones. More rows (prefill): the weight is
-// decoded into a per-thread buffer that is kept between calls and ATen's matmul runs on it.
+// (kernels/linear_q.py documents the five formats and the row layout). A decode step is little
+// else than streaming these bytes, so for the few rows of a step (<= kMaxRows) each weight row is
+// read once, while every activation row is multiplied with it. Rows are split over ATen's threads
+// in runs of consecutive rows (one forward stream per thread, kPrefetchBytes prefetched ahead).
+//
+// Paths, by at::get_cpu_capability() (ATEN_CPU_CAPABILITY=avx2|default forces the lower ones):
+//   AVX512-VNNI, q4_0 / q4_1: integer dot products (vpdpbusd, 64 nibbles a time) on activations
+//     quantized once a call to three int8 planes a block of 32 (~24 bits: the reference's numbers
+//     to ~1e-6 relative; ggml's one int8 plane moves logits ~1e-3, two planes flipped a greedy
+//     token of SmolLM2). XLLM_QUANT_ACTIVATIONS=fp32 turns it off.
+//   AVX512, q8_0 / q4_0 / q4_1 (and VNNI's q8_0): each block decoded in registers (16 scales
+//     converted at once) and multiplied in fp32: d * (x . q) plus the offsets per row.
+//   AVX2+FMA, and the K-quants everywhere: a row decoded into fp32 in L1, then an fp32 dot.
+//   plain C++ elsewhere.
+// A row's result never depends on the other rows of the call (same instructions per row), so
+// padding a batch to its bucket cannot move real rows' logits. More rows (prefill): the weight is
+// decoded into a per-thread buffer kept between calls and ATen's matmul runs on it.
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>

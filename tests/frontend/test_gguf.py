@@ -225,11 +225,14 @@ def test_unsupported_quant_type(tmp_path):
 
 
 def test_cli_compiles_a_gguf_file_directly(gguf_models, tmp_path):
-    """`xllm-compile FILE.gguf --out ART` gives the same artifact weights as the HF-folder path."""
+    """`xllm-compile FILE.gguf --out ART --quant none` gives the same artifact weights as the
+    HF-folder path; the default (--quant keep) stores the GGUF's Q8_0 blocks instead."""
     _, path, _, art, _ = gguf_models("q8_0")
-    direct = compile_cli(path, tmp_path / "direct")
+    direct = compile_cli(path, tmp_path / "direct", "--quant", "none")
     a, b = load_file(art / "weights.safetensors"), load_file(direct / "weights.safetensors")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    kept = load_file(compile_cli(path, tmp_path / "kept") / "weights.safetensors")
+    assert any(k.endswith(".q8_0") for k in kept) and not any(k.endswith(".q8_0") for k in a)
     assert not list(tmp_path.glob(".*gguf-*"))  # the temporary HF folder is gone
 
 

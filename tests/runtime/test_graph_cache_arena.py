@@ -217,9 +217,11 @@ def test_cli_generate_with_arena(llama_artifact, capsys):
     args = ["generate", str(llama_artifact), "--token-ids", "1,2,3", "--max-tokens", "4"]
     assert main([*args, "--graph-cache", "eager", "--arena"]) == 0
     with_arena = capsys.readouterr().out
-    assert main(args) == 0
+    assert main(args) == 0  # the default: CPU graphs, over the arena
     assert capsys.readouterr().out == with_arena
-    assert main([*args, "--arena"]) == 2  # no graph cache: one line, no traceback
+    assert main([*args, "--graph-cache", "none"]) == 0
+    assert capsys.readouterr().out == with_arena
+    assert main([*args, "--graph-cache", "none", "--arena"]) == 2  # one line, no traceback
     err = capsys.readouterr().err
     assert "graph cache" in err and "Traceback" not in err
 

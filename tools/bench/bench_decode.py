@@ -159,7 +159,7 @@ def time_decode(engine, seqs: list[Sequence], logits: torch.Tensor, steps: int) 
 def bench_xllm(art: Path, batch, prompt_len, steps, graphs: bool) -> tuple[float, float]:
     """(prefill tokens/s, decode ms/step) of the artifact: one ragged prefill, then decode steps
     (through the graph cache when `graphs`: CUDA graphs on GPU)."""
-    engine = load(art, max_num_seqs=batch, graph_cache=graphs, warmup=graphs)
+    engine = load(art, max_num_seqs=batch, graph_cache=graphs, warmup=graphs)  # True: cpu_graph
     cache = engine.runner
     vocab = engine.manifest["model"]["config"]["vocab_size"]
     warm = Sequence(torch.randint(3, vocab, (8,)).tolist(), SamplingParams())
