@@ -333,8 +333,11 @@ struct Planes {
 void make_planes(const float* x, int64_t M, int64_t K, Planes& p) {
   p.nb = K / 32;
   p.npairs = (p.nb + 1) / 2;
-  p.q.assign(M * p.npairs * 64 * kPlanes, 0);
-  p.scale.assign(M * p.nb, 0.f);
+  p.q.resize(M * p.npairs * 64 * kPlanes);
+  p.scale.resize(M * p.nb);
+  if (p.nb % 2)  // an odd last block's missing partner reads zeros
+    for (int64_t m = 0; m < M; ++m)
+      std::memset(p.q.data() + (m * p.npairs + p.npairs - 1) * 64 * kPlanes, 0, 64 * kPlanes);
   const __m512 sign = _mm512_set1_ps(-0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < p.nb; ++b) {
@@ -587,7 +590,8 @@ void small(const Format& f, const float* x, int64_t M, int64_t K, const uint8_t*
   const Isa which = isa();
   const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(row_bytes, 1));
   // each activation row's sums over its blocks of 32 (the q4_0 / q4_1 offsets' factor)
-  std::vector<float> sums;
+  thread_local std::vector<float> sums_tl;  // the calling thread's, kept between calls
+  std::vector<float>& sums = sums_tl;
   if (f.block == 32) {
     const int64_t nb = K / 32;
     sums.resize(M * nb);
@@ -601,11 +605,13 @@ void small(const Format& f, const float* x, int64_t M, int64_t K, const uint8_t*
   // q8_0 keeps the fp32 path: three planes of 8-bit weights would overflow int32
   const bool vnni = which == Isa::Avx512 && has_vnni() &&
                     (f.type == QType::Q4_0 || f.type == QType::Q4_1);
-  Planes planes;
+  thread_local Planes planes_tl;
+  Planes& planes = planes_tl;  // the lambda below runs on other threads: bind this thread's
   if (vnni) make_planes(x, M, K, planes);
 #endif
   xllm_parallel_for(N, grain, [&](int64_t n0, int64_t n1) {
-    std::vector<float> wrow(K);
+    thread_local std::vector<float> wrow;  // a decoded row (the paths that decode into L1)
+    wrow.resize(K);
     float y[kMaxRows];
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* row = w + n * row_bytes;
@@ -666,19 +672,24 @@ at::Tensor& linear_q_out(const at::Tensor& x, const at::Tensor& qweight, c10::st
   if (out.sizes() != at::IntArrayRef(shape)) out.resize_(shape);
   const int64_t M = K ? x.numel() / K : 0;
   if (M == 0) return out;
-  at::Tensor x2 = x.reshape({M, K});
   if (M > kMaxRows) {
+    at::Tensor x2 = x.reshape({M, K});
     at::Tensor w = decode_all(f, qweight, K);
     at::Tensor y = at::linear(x2.to(at::kFloat), w, bias ? std::optional<at::Tensor>(bias->to(at::kFloat)) : std::nullopt);
     out.view({M, N}).copy_(y);
     return out;
   }
-  at::Tensor xf = x2.to(at::kFloat).contiguous();
-  at::Tensor bf = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  // fp32 contiguous operands (a step's usual case) are read in place: no tensor is made
+  const bool fp32_in = x.scalar_type() == at::kFloat && x.is_contiguous();
+  at::Tensor xf = fp32_in ? at::Tensor() : x.reshape({M, K}).to(at::kFloat).contiguous();
+  const bool fp32_bias = !bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous());
+  at::Tensor bf = fp32_bias ? at::Tensor() : bias->to(at::kFloat).contiguous();
+  const float* bp = !bias ? nullptr : fp32_bias ? bias->const_data_ptr<float>() : bf.const_data_ptr<float>();
   const bool direct = out.scalar_type() == at::kFloat && out.is_contiguous();
-  at::Tensor y = direct ? out.view({M, N}) : at::empty({M, N}, x.options().dtype(at::kFloat));
-  small(f, xf.const_data_ptr<float>(), M, K, qweight.const_data_ptr<uint8_t>(), qweight.size(1), N,
-        bias ? bf.const_data_ptr<float>() : nullptr, y.data_ptr<float>());
+  at::Tensor y = direct ? at::Tensor() : at::empty({M, N}, x.options().dtype(at::kFloat));
+  small(f, fp32_in ? x.const_data_ptr<float>() : xf.const_data_ptr<float>(), M, K,
+        qweight.const_data_ptr<uint8_t>(), qweight.size(1), N, bp,
+        direct ? out.data_ptr<float>() : y.data_ptr<float>());
   if (!direct) out.view({M, N}).copy_(y);
   return out;
 }
