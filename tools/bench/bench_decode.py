@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -197,45 +198,22 @@ def _model_dir(args, tmp: Path) -> Path:
     return Path(args.model) if args.model else make_preset(args.preset, tmp / "m")
 
 
-LLAMA_CPP_RUN = """
-import json, statistics, sys, time
-from llama_cpp import Llama
-gguf, prompt_len, steps, threads = sys.argv[1], *map(int, sys.argv[2:])
-llm = Llama(model_path=gguf, n_ctx=prompt_len + steps + 8, n_threads=threads, verbose=False)
-start = time.perf_counter()
-llm.eval(list(range(100, 100 + prompt_len)))
-prefill = time.perf_counter() - start
-times = []
-for _ in range(steps):
-    start = time.perf_counter()
-    llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
-    times.append(time.perf_counter() - start)
-print(json.dumps([prompt_len / prefill, 1000 * statistics.median(times)]))
-"""
-
-
 def bench_llama_cpp(gguf: str, batch: int, prompt_len: int, steps: int) -> list:
-    """llama.cpp on the same GGUF (batch 1: one sequence per context), when llama-cpp-python is
-    installed; in a child process, so a crash of the native library cannot end the benchmark."""
-    import importlib.util
-    import json
-    import subprocess
-    import sys
+    """llama.cpp on the same GGUF at batch 1: tools/bench/llama_cpp.py's llama-bench (built from
+    the llama-cpp-python sdist on first use; pip's own wheel crashes on some VMs), in a child
+    process, so a crash of the native code cannot end the benchmark."""
+    from xllm_compile.tools.bench import llama_cpp
 
     if batch != 1:
         return []
-    if importlib.util.find_spec("llama_cpp") is None:
-        print("      (llama-cpp-python not installed: no llama.cpp row)")
+    threads = torch.get_num_threads()
+    try:
+        prefill = llama_cpp.bench(gguf, threads, prompt=prompt_len)
+        decode = llama_cpp.bench(gguf, threads, gen=steps)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        print(f"      (llama.cpp did not run: {e}; no llama.cpp row)")
         return []
-    args = [gguf, str(prompt_len), str(steps), str(torch.get_num_threads())]
-    proc = subprocess.run(
-        [sys.executable, "-c", LLAMA_CPP_RUN, *args], capture_output=True, text=True, timeout=900
-    )
-    if proc.returncode != 0:
-        print(f"      (llama.cpp failed with exit status {proc.returncode}: no llama.cpp row)")
-        return []
-    tok_s, ms = json.loads(proc.stdout.strip().splitlines()[-1])
-    return [("llama.cpp", (tok_s, ms))]
+    return [("llama.cpp", (prefill["tok_s"], decode["ms"]))]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -244,8 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", choices=list(PRESETS))
     p.add_argument(
         "--gguf",
-        help="a GGUF file (dequantized for us and for HF; llama.cpp runs it "
-        "as is when llama-cpp-python is installed)",
+        help="a GGUF file (dequantized for us and for HF; llama.cpp's llama-bench runs it as "
+        "is; tools/bench/bench_quant.py compares our --quant keep artifact)",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
