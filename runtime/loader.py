@@ -326,8 +326,43 @@ def _load_program(
 def _load_params(
     art: artifact.Artifact, names: list[str], device: str, file: str = artifact.WEIGHTS
 ) -> list[torch.Tensor]:
-    tensors = _read_safetensors(art, file, names, device)
-    return [tensors[name] for name in names]
+    if device != "cpu":
+        tensors = _read_safetensors(art, file, names, device)
+        return [tensors[name] for name in names]
+    return _read_into_block(art, file, names)
+
+
+def _read_into_block(art: artifact.Artifact, file: str, names: list[str]) -> list[torch.Tensor]:
+    """The CPU weights read one at a time into one huge-page block (runtime/host_memory.py):
+    memory peaks at the block plus one tensor."""
+    from xllm_compile.runtime.host_memory import WeightBlock
+
+    try:
+        with safe_open(str(art.file(file)), framework="pt", device="cpu") as f:
+            present = set(f.keys())
+            missing = [n for n in names if n not in present]
+            if missing:
+                raise ArtifactError(f"{art.path}: {file} lacks {missing[0]!r}; recompile the model")
+            sizes = []
+            for name in names:
+                part = f.get_slice(name)
+                numel = 1
+                for d in part.get_shape():
+                    numel *= d
+                sizes.append(numel * _DTYPE_BYTES.get(part.get_dtype(), 8))
+            block = WeightBlock(sizes)
+            return [block.put(i, f.get_tensor(name)) for i, name in enumerate(names)]
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"{art.path}: {file} unreadable ({e}); recompile") from None
+
+
+# safetensors dtype names -> bytes per element (a slot too large is harmless)
+_DTYPE_BYTES = {
+    **dict.fromkeys(("F64", "I64", "U64"), 8),
+    **dict.fromkeys(("F32", "I32", "U32"), 4),
+    **dict.fromkeys(("F16", "BF16", "I16", "U16"), 2),
+    **dict.fromkeys(("I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"), 1),
+}
 
 
 def _read_safetensors(
