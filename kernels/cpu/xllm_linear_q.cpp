@@ -179,9 +179,6 @@ inline float half_f16c(const uint8_t* p) {  // vcvtph2ps: c10::Half's conversion
   return _cvtsh_ss(bits);
 }
 
-void decode_row_512(const Format& f, const uint8_t* b, int64_t K, float* y) {
-  decode_row_plain(f, b, K, y);  // prefill only (decode_all); the steps take fused_512
-}
 
 // y[m] = x[m] . w for MB activation rows (each reduced alone: a row's sum never depends on
 // which other rows share the call, so padding a batch cannot move real rows' logits). Four
@@ -548,8 +545,8 @@ Isa isa() {
 
 void decode_row(Isa which, const Format& f, const uint8_t* row, int64_t K, float* y) {
 #ifdef XLLM_X86
-  if (which == Isa::Avx512) return decode_row_512(f, row, K, y);
-  if (which == Isa::Avx2) return decode_row_256(f, row, K, y);
+  // AVX512 machines run the AVX2 decoders too (the steps themselves take the fused paths)
+  if (which == Isa::Avx512 || which == Isa::Avx2) return decode_row_256(f, row, K, y);
 #endif
   decode_row_plain(f, row, K, y);
 }
