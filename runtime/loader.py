@@ -349,7 +349,7 @@ def _read_into_block(art: artifact.Artifact, file: str, names: list[str]) -> lis
                 numel = 1
                 for d in part.get_shape():
                     numel *= d
-                sizes.append(numel * _DTYPE_BYTES.get(part.get_dtype(), 8))
+                sizes.append(numel * DTYPE_BYTES.get(part.get_dtype(), 8))
             block = WeightBlock(sizes)
             return [block.put(i, f.get_tensor(name)) for i, name in enumerate(names)]
     except (SafetensorError, OSError) as e:
@@ -357,7 +357,7 @@ def _read_into_block(art: artifact.Artifact, file: str, names: list[str]) -> lis
 
 
 # safetensors dtype names -> bytes per element (a slot too large is harmless)
-_DTYPE_BYTES = {
+DTYPE_BYTES = {
     **dict.fromkeys(("F64", "I64", "U64"), 8),
     **dict.fromkeys(("F32", "I32", "U32"), 4),
     **dict.fromkeys(("F16", "BF16", "I16", "U16"), 2),

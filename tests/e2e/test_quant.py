@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from xllm_compile.artifact import MANIFEST
-from xllm_compile.kernels.linear_q import dequantize
+from xllm_compile.kernels.linear_q import FORMATS, dequantize
 from xllm_compile.runtime import load
 from xllm_compile.runtime.tokenizer import Tokenizer
 
@@ -38,14 +38,9 @@ PAIRS = {  # merged program weight -> the HF weights it concatenates
 def _stored(got: dict, name: str) -> torch.Tensor | None:
     """The fp32 weight an artifact's quantized tensor `name.<qtype>` stands for, if any."""
     for key, t in got.items():
-        if key.startswith(name + ".") and key[len(name) + 1 :] in (
-            "q8_0",
-            "q4_0",
-            "q4_1",
-            "q4_k",
-            "q6_k",
-        ):
-            return dequantize(t, key[len(name) + 1 :])
+        qtype = key[len(name) + 1 :]
+        if key.startswith(name + ".") and qtype in FORMATS:
+            return dequantize(t, qtype)
     return None
 
 

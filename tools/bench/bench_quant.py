@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from xllm_compile.runtime.loader import DTYPE_BYTES
 from xllm_compile.tools.bench import llama_cpp
 from xllm_compile.tools.bench.bench_decode import bench_hf, bench_xllm, compile_for_bench
-
-QTYPES = ("q8_0", "q4_0", "q4_1", "q4_k", "q6_k")
 
 
 def step_bytes(art: Path) -> int:
@@ -41,9 +40,10 @@ def step_bytes(art: Path) -> int:
             if name.startswith("model.embed_tokens"):
                 continue
             t = f.get_slice(name)
-            shape, dtype = t.get_shape(), t.get_dtype()
-            size = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4}.get(dtype, 4)
-            total += size * int(torch.tensor(shape).prod()) if shape else size
+            numel = 1
+            for d in t.get_shape():
+                numel *= d
+            total += numel * DTYPE_BYTES[t.get_dtype()]
     return total
 
 
