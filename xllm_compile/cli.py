@@ -438,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+    from xllm_compile.tools.profile.cli import add_parser as add_profile
+
+    add_profile(sub)
     return parser
 
 

@@ -86,6 +86,53 @@ def compile_model(cfg: CompileConfig) -> Path:
     return out_dir
 
 
+def compile_cuts(cfg: CompileConfig, out_root: Path) -> list[tuple[str, Path, dict | None]]:
+    """The pipeline cut after each pass, as artifacts: traced once, then the passes run one at a
+    time on one program (one PassContext, as in a full compile) and the program is written
+    after each. Returns [(label, artifact path, that pass's log entry)]: ("none", .., None)
+    first, then ("+<pass>", .., entry) in pipeline order (a skipped pass too: its cut is the
+    one before it). For `xllm profile passes`; one rank, an HF folder (convert a GGUF first).
+    """
+    check_device(cfg.device)
+    pipeline = build_pipeline(cfg.passes, cfg.disable_passes)
+    model_dir = Path(cfg.model_path)
+    cfg = _resolve_quant(cfg, model_dir)
+    if cfg.tp > 1:
+        raise ConfigError("profiling the pipeline's cuts takes a one-rank model (no --tp)")
+    hf_config = load_hf_config(model_dir)
+    config = model_config_from_hf(hf_config)
+    max_len = resolve_max_len(config, cfg.max_model_len)
+    parse_buckets(cfg.buckets, cfg.max_num_seqs, max_len, cfg.max_num_tokens)
+    ep = export_model(config, cfg.torch_dtype, max_len, cfg.max_num_tokens, cfg.max_num_seqs)
+    expected = {n: t.shape for n, t in ep.state_dict.items()}
+    weights = _load_weights(model_dir, expected, config, cfg, max_len)
+    ctx = PassContext(
+        ep=ep,
+        weights=weights,
+        dtype=cfg.torch_dtype,
+        device=cfg.device,
+        sample_inputs=None,
+        config=config,
+        quant=cfg.quant,
+        blocks=dict(_read_blocks(model_dir, cfg)),
+    )
+    cuts, pass_log = [], []
+
+    def write(label: str, entry: dict | None) -> None:
+        out = out_root / label.lstrip("+")
+        with Staging(out) as tmp_dir:
+            rank = RankProgram(ep, dict(ctx.weights), list(pass_log))
+            _write(tmp_dir, model_dir, [rank], config, hf_config, cfg, max_len)
+        cuts.append((label, out, entry))
+
+    write("none", None)
+    for p in pipeline:
+        [entry] = PassManager([p]).run(ctx)
+        pass_log.append(entry)
+        write(f"+{p.name}", entry)
+    return cuts
+
+
 @dataclasses.dataclass
 class RankProgram:
     """One rank's optimized program, its weights (program names) and its pass log."""
@@ -238,7 +285,9 @@ def _compile_gguf(cfg: CompileConfig, gguf_path: Path, out_dir: Path) -> Path:
             show_progress=cfg.show_progress,
             keep_blocks=keep,
         )
-        return compile_model(dataclasses.replace(cfg, model_path=str(hf_dir)))
+        return compile_model(
+            dataclasses.replace(cfg, model_path=str(hf_dir), source_path=str(gguf_path.resolve()))
+        )
     except OSError as e:
         raise write_error(out_dir, e) from None
     finally:
@@ -404,6 +453,10 @@ def _write(tmp_dir, model_dir, ranks: list[RankProgram], config, hf_config, cfg,
             },
             "dtype": cfg.dtype,
             "device": cfg.device,
+            "source": {
+                "path": cfg.source_path or str(Path(model_dir).resolve()),
+                "quant": cfg.quant,
+            },
             "limits": {
                 "max_model_len": max_len,
                 "max_num_tokens": cfg.max_num_tokens,

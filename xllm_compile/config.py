@@ -159,6 +159,9 @@ class CompileConfig:
     comm_profile: str | None = None  # a stored all-reduce profile (comm_profile.py)
     # weight-only low-bit matmuls (passes/quantize.py): one of QUANT_MODES
     quant: str = "auto"
+    # what the user gave when model_path is a folder converted from it (a .gguf): the manifest
+    # records it as the artifact's source (`xllm profile passes ART` recompiles from there)
+    source_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_MODES:
