@@ -32,6 +32,11 @@ _DTYPE_BYTES = {"float": 4, "double": 8, "c10::BFloat16": 2, "c10::Half": 2, "lo
 # ops that read only part of an input (rows of a table, a sequence's KV): no bandwidth figure
 PARTIAL_READS = frozenset({"aten::embedding", "aten::index", "aten::index_select",
                            "xllm::attention", "xllm::store_kv"})  # fmt: skip
+# views move no bytes
+VIEWS = frozenset({"aten::view", "aten::reshape", "aten::slice", "aten::select", "aten::unsqueeze",
+                   "aten::squeeze", "aten::as_strided", "aten::expand", "aten::permute",
+                   "aten::transpose", "aten::t", "aten::alias", "aten::_unsafe_view"})  # fmt: skip
+NO_BANDWIDTH = PARTIAL_READS | VIEWS
 # the fused ops and the reference composition each replaced (kernel.KERNELS)
 FUSED = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding")
 
@@ -239,7 +244,7 @@ def _by_op(top: list, n_steps: int, ceiling: dict, unfused: bool) -> list[dict]:
             "calls_per_step": len(evs) / n_steps,
             "us_per_step": us / n_steps,
             "share": us / total,
-            "gb_s": moved / us / 1e3 if us and moved and name not in PARTIAL_READS else None,
+            "gb_s": moved / us / 1e3 if us and moved and name not in NO_BANDWIDTH else None,
             "gflop_s": flops_total / us / 1e3 if flops_total and us else None,
             "unfused_us_per_step": None,
         }
