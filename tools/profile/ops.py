@@ -364,7 +364,8 @@ def _tables(ops, layers, kernels, step_ms, ceiling, what, n_steps) -> list[Table
         f"{ceiling['matmul_float32_gflop_s']:.0f} GFLOP/s fp32, "
         f"{ceiling['matmul_bfloat16_gflop_s']:.0f} bf16. GB/s: tensor inputs' bytes / time. "
         "unfused us: the reference composition a fusion replaced, timed alone on inputs of the "
-        "same shapes (caches warm)."
+        "same shapes (caches warm, no profiler): an op's in-step time also holds the "
+        "profiler's ~1-3 us per call, so for ops of a few us compare with `xllm profile kernel`."
     )
     t2 = Table("time by layer", ["layer", "ops", "us/step", "share"])
     for r in layers:
