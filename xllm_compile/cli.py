@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from xllm_compile.config import DEVICES, DTYPES, CompileConfig
+from xllm_compile.config import DEVICES, DTYPES, EMIT_FORMATS, CompileConfig
 from xllm_compile.errors import ConfigError, XllmError
 
 PROG_COMPILE = "xllm-compile"
@@ -81,6 +81,14 @@ def _add_compile_args(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="with --tp: the all-reduce profile of the target (python -m "
         "xllm_compile.comm_profile --out FILE); default: measured here once and cached",
+    )
+    p.add_argument(
+        "--emit",
+        action="append",
+        default=[],
+        choices=list(EMIT_FORMATS),
+        help="also write the optimized program in this format beside it: onnx (model.onnx + "
+        "model.onnx.data, the xllm:: ops as an ONNX function domain; needs the onnx package)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
@@ -246,6 +254,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         comm_profile=args.comm_profile,
         quant=args.quant,
+        emit=tuple(dict.fromkeys(args.emit)),
     )
     out = compile_model(cfg)
     print(f"compiled {args.model} -> {out}")

@@ -12,7 +12,16 @@ from pathlib import Path
 
 import torch
 
-from xllm_compile import arena_plans, artifact, env, overlap, program_format, signing, tp
+from xllm_compile import (
+    arena_plans,
+    artifact,
+    env,
+    onnx_export,
+    overlap,
+    program_format,
+    signing,
+    tp,
+)
 from xllm_compile.backend import check_device
 from xllm_compile.buckets import parse_buckets, step_shapes
 from xllm_compile.config import CompileConfig, ModelConfig
@@ -51,11 +60,15 @@ def compile_model(cfg: CompileConfig) -> Path:
     check_device(cfg.device)
     pipeline = build_pipeline(cfg.passes, cfg.disable_passes)  # bad names fail before any work
     key = signing.load_key(cfg.sign_key) if cfg.sign_key else None  # so does a bad key
+    if "onnx" in cfg.emit:  # and an export that cannot be written
+        onnx_export.check_supported(cfg)
     model_dir, out_dir = Path(cfg.model_path), Path(cfg.out_dir)
     _check_out_dir(out_dir)
     if model_dir.suffix == ".gguf":
         return _compile_gguf(cfg, model_dir, out_dir)
     cfg = _resolve_quant(cfg, model_dir)
+    if "onnx" in cfg.emit:
+        onnx_export.check_quant(cfg.quant)
     hf_config = load_hf_config(model_dir)
     config = model_config_from_hf(hf_config)
     tp.check_tp(config, cfg.tp)
@@ -441,6 +454,12 @@ def _write(tmp_dir, model_dir, ranks: list[RankProgram], config, hf_config, cfg,
     if plans:
         (tmp_dir / arena_plans.FILE).write_text(arena_plans.dumps(plans, saved.graph_module.graph))
     env.kill_at("arena_plans")
+    onnx_entry = None
+    if "onnx" in cfg.emit:  # from the program as the runtime reads it back
+        with progress(total=1, desc="onnx", unit="model", show=cfg.show_progress) as bar:
+            onnx_entry = onnx_export.export(saved, weights, tmp_dir)
+            bar.update(1)
+        env.kill_at("onnx")
     artifact.write_manifest(
         tmp_dir,
         {
@@ -473,6 +492,7 @@ def _write(tmp_dir, model_dir, ranks: list[RankProgram], config, hf_config, cfg,
             "memory_plan": memory_plans(ep, weights, config, cfg, max_len) if cfg.tp == 1 else None,
             "buckets": buckets,
             "arena_plans": {"file": arena_plans.FILE, "plans": len(plans)} if plans else None,
+            "onnx": onnx_entry,
         },
     )
     env.kill_at("manifest")

@@ -18,6 +18,7 @@ from xllm_compile.errors import ConfigError, UnsupportedModelError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda", "npu")
+EMIT_FORMATS = ("onnx",)
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -162,6 +163,7 @@ class CompileConfig:
     # what the user gave when model_path is a folder converted from it (a .gguf): the manifest
     # records it as the artifact's source (`xllm profile passes ART` recompiles from there)
     source_path: str | None = None
+    emit: tuple[str, ...] = ()  # extra formats written beside the program: "onnx" (onnx_export)
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_MODES:
@@ -171,6 +173,9 @@ class CompileConfig:
                 f"--quant {self.quant}: no quantized-matmul kernel for {self.device} yet "
                 f"(only {', '.join(QUANT_DEVICES)}); compile with --quant none"
             )
+        for fmt in self.emit:
+            if fmt not in EMIT_FORMATS:
+                raise ConfigError(f"--emit {fmt!r}: choose one of {', '.join(EMIT_FORMATS)}")
         if self.overlap not in ("auto", "none"):
             raise ConfigError(f"--overlap {self.overlap!r}: choose auto or none")
         if self.dtype not in DTYPES:

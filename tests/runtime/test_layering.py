@@ -23,6 +23,9 @@ COMPILER_SIDE = [
     "xllm_compile.trace",
     "xllm_compile.overlap",
     "xllm_compile.comm_profile",
+    "xllm_compile.onnx_export",
+    "xllm_compile.onnx_functions",
+    "onnx",
 ]
 
 
