@@ -115,7 +115,7 @@ class PassManager:
                     f"pass {p.name!r} changed {name} from {before.dtype}{list(before.shape)} to "
                     f"{after.dtype}{list(after.shape)}{_after(done)}"
                 )
-            err = _rel_err(after, before)
+            err = rel_err(after, before)
             if err > worst:
                 worst_name, worst = name, err
         if worst > tol:
@@ -144,7 +144,9 @@ def run_graph(ctx: PassContext) -> list[tuple[str, torch.Tensor]]:
     return named
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref| in float64 (exact compare for integer tensors; NaN where
+    the reference has NaN); the measure every tolerance in the compiler and tools/ uses."""
     if not (ref.is_floating_point() or ref.is_complex()):
         return 0.0 if torch.equal(out, ref) else float("inf")
     out, ref = out.double(), ref.double()

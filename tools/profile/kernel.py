@@ -27,6 +27,7 @@ from xllm_compile.kernels.fused_add_rms_norm import fused_add_rms_norm_ref
 from xllm_compile.kernels.rms_norm import rms_norm_ref
 from xllm_compile.kernels.rotary_embedding import rotary_embedding_ref
 from xllm_compile.kernels.silu_and_mul import silu_and_mul_ref
+from xllm_compile.passes.manager import rel_err
 from xllm_compile.tools.profile.table import Table
 
 _lq = importlib.import_module("xllm_compile.kernels.linear_q")
@@ -145,13 +146,8 @@ def nbytes(args, out) -> int:
 
 
 def max_rel_err(out, ref) -> float:
-    outs, refs = _tensors(out), _tensors(ref)
-    worst = 0.0
-    for o, r in zip(outs, refs, strict=True):
-        r = r.double()
-        scale = r.abs().max().item() or 1.0
-        worst = max(worst, (o.double() - r).abs().max().item() / scale)
-    return worst
+    pairs = zip(_tensors(out), _tensors(ref), strict=True)
+    return max((rel_err(o, r) for o, r in pairs), default=0.0)
 
 
 def _fp32(args):

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from xllm_compile.errors import ConfigError
+from xllm_compile.passes.manager import rel_err
 from xllm_compile.progress import progress
 from xllm_compile.tools.profile import steps
 from xllm_compile.tools.profile.table import Table
@@ -169,7 +170,7 @@ def _verify(records: list[dict], engines: dict) -> None:
     ref = steps.reference_logits(engines[records[0]["label"]])
     for r in records:
         out = steps.reference_logits(engines[r["label"]])
-        r["error"] = steps.rel_err(out, ref)
+        r["error"] = rel_err(out, ref)
 
 
 def _fused(stats: dict | None) -> str:

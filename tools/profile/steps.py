@@ -105,9 +105,3 @@ def reference_logits(engine, prompt_len: int = 12, decode_steps: int = 3, seed: 
         return torch.cat(rows)
     finally:
         _free(engine, [seq])
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |out - ref| / max |ref| (the pass manager's measure)."""
-    scale = ref.abs().max().item()
-    return (out - ref).abs().max().item() / scale if scale else (out - ref).abs().max().item()
