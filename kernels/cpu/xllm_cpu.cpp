@@ -14,8 +14,10 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 // The fused loops are written with at::vec::Vectorized<float>. A plain JIT build (-O3, no -m
@@ -106,6 +108,23 @@ inline fVec round_t(const fVec& v) {
 // Runs f(begin, end) over [0, rows) in chunks of at least `grain` rows on ATen's intra-op
 // threads. at::parallel_for is a header template over `omp parallel`, serial in a build without
 // -fopenmp (the JIT build's flags); TensorIterator::for_each runs it inside libtorch instead.
+// The iterator over `rows` bytes (one per row: a chunk's offset is its start), built once per
+// thread and row count: building it and its tensor cost ~3-5 us, paid by every parallel call
+// (121 matmuls a SmolLM2 decode step).
+inline at::TensorIterator& rows_iterator(int64_t rows) {
+  thread_local std::unordered_map<int64_t, std::unique_ptr<at::TensorIterator>> cache;
+  auto& it = cache[rows];
+  if (!it) {
+    const at::Tensor index = at::empty({rows}, at::kByte);  // owned by the iterator from here
+    it = std::make_unique<at::TensorIterator>(at::TensorIteratorConfig()
+                                                  .add_output(index)
+                                                  .resize_outputs(false)
+                                                  .check_all_same_dtype(false)
+                                                  .build());
+  }
+  return *it;
+}
+
 template <typename F>
 void parallel_rows(int64_t rows, int64_t grain, const F& f) {
 #ifdef INTRA_OP_PARALLEL
@@ -115,13 +134,8 @@ void parallel_rows(int64_t rows, int64_t grain, const F& f) {
     f(0, rows);
     return;
   }
-  auto index = at::empty({rows}, at::kByte);  // one byte per row: a chunk's offset is its start
-  auto iter = at::TensorIteratorConfig()
-                  .add_output(index)
-                  .resize_outputs(false)
-                  .check_all_same_dtype(false)
-                  .build();
-  const char* base = static_cast<const char*>(index.const_data_ptr());
+  at::TensorIterator& iter = rows_iterator(rows);
+  const char* base = static_cast<const char*>(iter.data_ptr(0));
   auto loop = [&](char** data, const int64_t*, int64_t n, int64_t) {
     f(data[0] - base, data[0] - base + n);
   };

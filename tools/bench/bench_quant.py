@@ -106,6 +106,15 @@ def hf_runs(model_dir: Path, threads: int, steps: int) -> dict:
             "prefill_512_tok_s": p512}  # fmt: skip
 
 
+def in_child(fn, *args):
+    """fn(*args) in a fresh process (spawned: nothing inherited), as llama.cpp runs, so that HF's
+    model, threads and allocator state do not stay in the process whose decode is timed next."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
 METRICS = (
     ("decode_b1_ms", "decode ms/step, batch 1", "ms"),
     ("decode_b8_ms", "decode ms/step, batch 8", "ms"),
@@ -164,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
                         "llama.cpp": llama_runs(gguf, threads),
                     }
                     if hf is not None:
-                        runs["HF eager"] = hf_runs(hf, threads, min(args.steps, 16))
+                        runs["HF eager"] = in_child(hf_runs, hf, threads, min(args.steps, 16))
                     for engine, figures in runs.items():
                         for key, value in figures.items():
                             results.setdefault((threads, qtype, engine, key), []).append(value)
