@@ -397,6 +397,28 @@ inline float hsum_4x1(__m512 v) {
   return _mm_cvtss_f32(_mm_hadd_ps(t, t));
 }
 
+// The two blocks of a pair as 64 weight bytes in the planes' order (an odd last block reads
+// only its own 16 bytes; its partner's lanes meet zero planes).
+inline __m512i pair_nibbles(const uint8_t* q, bool whole) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i v = whole ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))
+                          : _mm256_maskz_loadu_epi8(0xFFFF, q);
+  const __m256i lo = _mm256_and_si256(v, low4);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+// The pair's three-digit integer dot products with one activation row's planes at `pq`.
+inline __m512i pair_dot(__m512i w, const int8_t* pq) {
+  __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(pq));
+  t = _mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), w, _mm512_loadu_si512(pq + 64));
+  return _mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), w, _mm512_loadu_si512(pq + 128));
+}
+
+inline __mmask16 first_n(int64_t n) {
+  return n == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
 template <QType T, int MB>
 inline void vnni_rows(const uint8_t* row, int64_t K, const Planes& P, int64_t m0,
                       const float* sums, float* y) {
@@ -405,10 +427,9 @@ inline void vnni_rows(const uint8_t* row, int64_t K, const Planes& P, int64_t m0
   __m512 acc[MB], cv[MB];
 #pragma GCC unroll 4
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
   for (int64_t g = 0; g < nb; g += 16) {
     const int64_t n = std::min<int64_t>(16, nb - g);
-    const __mmask16 mask = n == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+    const __mmask16 mask = first_n(n);
     const __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, r.d + 2 * g));
     // the offsets: q4_1 + m * sum(x), q4_0 - 8 d * sum(x)
     const __m512 ov = T == QType::Q4_1
@@ -420,20 +441,12 @@ inline void vnni_rows(const uint8_t* row, int64_t K, const Planes& P, int64_t m0
       acc[m] = _mm512_fmadd_ps(ov, _mm512_maskz_loadu_ps(mask, sums + (m0 + m) * nb + g), acc[m]);
     }
     for (int64_t j = 0; j < n; j += 2) {
-      const uint8_t* q = r.qs + 16 * (g + j);
-      const __m256i v = j + 1 < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))
-                                  : _mm256_maskz_loadu_epi8(0xFFFF, q);  // an odd last block
-      const __m256i lo = _mm256_and_si256(v, low4);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-      const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+      const __m512i w = pair_nibbles(r.qs + 16 * (g + j), j + 1 < n);
       const __m512i idx = _mm512_load_si512(kPairIdx[j / 2]);
       const int64_t pair = (g + j) / 2;
 #pragma GCC unroll 4
       for (int m = 0; m < MB; ++m) {
-        const int8_t* pq = P.q.data() + ((m0 + m) * P.npairs + pair) * 64 * kPlanes;
-        __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(pq));
-        t = _mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), w, _mm512_loadu_si512(pq + 64));
-        t = _mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), w, _mm512_loadu_si512(pq + 128));
+        const __m512i t = pair_dot(w, P.q.data() + ((m0 + m) * P.npairs + pair) * 64 * kPlanes);
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(idx, cv[m]), acc[m]);
       }
     }
@@ -456,10 +469,9 @@ inline void vnni_4x1(const uint8_t* w, int64_t row_bytes, int64_t K, const Plane
   __m512 acc[R];
 #pragma GCC unroll 4
   for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
   for (int64_t g = 0; g < nb; g += 16) {
     const int64_t n = std::min<int64_t>(16, nb - g);
-    const __mmask16 mask = n == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+    const __mmask16 mask = first_n(n);
     const __m512 sv = _mm512_maskz_loadu_ps(mask, P.scale.data() + g);
     const __m512 xs = _mm512_maskz_loadu_ps(mask, sums + g);
     __m512 cv[R];
@@ -474,21 +486,11 @@ inline void vnni_4x1(const uint8_t* w, int64_t row_bytes, int64_t K, const Plane
     }
     for (int64_t j = 0; j < n; j += 2) {
       const int64_t pair = (g + j) / 2;
-      const int8_t* pq = P.q.data() + pair * 64 * kPlanes;
-      const __m512i p0 = _mm512_loadu_si512(pq), p1 = _mm512_loadu_si512(pq + 64),
-                    p2 = _mm512_loadu_si512(pq + 128);
+      const int8_t* pq = P.q.data() + pair * 64 * kPlanes;  // the same planes for the four rows
       const __m512i idx = _mm512_load_si512(kPairIdx[j / 2]);
 #pragma GCC unroll 4
       for (int i = 0; i < R; ++i) {
-        const uint8_t* q = r[i].qs + 16 * (g + j);
-        const __m256i v = j + 1 < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))
-                                    : _mm256_maskz_loadu_epi8(0xFFFF, q);  // an odd last block
-        const __m256i lo = _mm256_and_si256(v, low4);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-        const __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-        __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, p0);
-        t = _mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), wv, p1);
-        t = _mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), wv, p2);
+        const __m512i t = pair_dot(pair_nibbles(r[i].qs + 16 * (g + j), j + 1 < n), pq);
         acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(idx, cv[i]), acc[i]);
       }
     }
