@@ -142,7 +142,12 @@ class Engine:
         seqs, logits = self._forward(batch.seqs)
         if not seqs:
             return
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        tokens = sample(
+            logits,
+            [s.params for s in seqs],
+            [s.generator for s in seqs],
+            [(s.prompt_ids, s.output_ids) for s in seqs],
+        )
         for seq, token in zip(seqs, tokens, strict=True):
             if isinstance(token, Exception):
                 self._fail(seq, f"sampling failed: {type(token).__name__}: {token}")

@@ -67,6 +67,11 @@ class _SamplingBody(_Body):
     stop: str | list[str | int] | None = None  # stop strings; ints are stop token ids
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -102,6 +107,22 @@ _UNION_FIELDS = {
     "content": 'a string or a list of {"type": "text", "text": ...} parts',
     "logprobs": "a boolean or an integer",
 }
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} as (id, bias) pairs; ids are checked against the vocabulary
+    (the values' range by SamplingParams)."""
+    out = []
+    for key, value in (bias or {}).items():
+        if not key.strip().lstrip("-").isdigit():
+            raise RequestError(f"logit_bias keys must be token ids, got {key!r}")
+        token = int(key)
+        if not 0 <= token < vocab_size:
+            raise RequestError(
+                f"logit_bias token id {token} is outside the vocabulary (0..{vocab_size - 1})"
+            )
+        out.append((token, value))
+    return tuple(out)
 
 
 # -- errors --
@@ -142,6 +163,7 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     app = FastAPI(title="xllm", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     metrics = engine.metrics
+    vocab_size = engine.engine.manifest["model"]["config"]["vocab_size"]
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -204,6 +226,11 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             seed=body.seed,
             stop_token_ids=tuple(stop_ids),
             ignore_eos=body.ignore_eos,
+            min_p=0.0 if body.min_p is None else body.min_p,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            presence_penalty=0.0 if body.presence_penalty is None else body.presence_penalty,
+            frequency_penalty=0.0 if body.frequency_penalty is None else body.frequency_penalty,
+            logit_bias=_logit_bias(body.logit_bias, vocab_size),
         )
         return kwargs, tuple(s for s in stop if isinstance(s, str))
 

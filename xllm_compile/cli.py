@@ -222,6 +222,18 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, dest="top_p")
     p.add_argument("--top-k", type=int, default=0, dest="top_k")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=0.0, dest="min_p")
+    p.add_argument(
+        "--repetition-penalty", type=float, default=1.0, dest="repetition_penalty", help="1: off"
+    )
+    p.add_argument("--presence-penalty", type=float, default=0.0, dest="presence_penalty")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, dest="frequency_penalty")
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        dest="ignore_eos",
+        help="generate --max-tokens tokens whatever the model says (benchmarks)",
+    )
     _add_runtime_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -286,6 +298,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        ignore_eos=args.ignore_eos,
     )
     for r in results:
         if args.json:

@@ -89,3 +89,20 @@ def test_cli_runtime_flags_give_the_same_text(tiny_artifact, capsys):
     assert capsys.readouterr().out == default
     assert main([*base, "--kv-memory", str(64 << 20)]) == 0  # a byte budget
     assert capsys.readouterr().out == default
+
+
+def test_cli_sampling_processors_are_the_engines(tiny_artifact, capsys):
+    import json
+
+    from xllm_compile.cli import main
+
+    flags = ["--repetition-penalty", "1.8", "--presence-penalty", "0.5", "--ignore-eos"]
+    base = ["generate", str(tiny_artifact), "--prompt", PROMPT, "--max-tokens", "14", "--json"]
+    assert main([*base, *flags]) == 0
+    got = json.loads(capsys.readouterr().out)
+    [want] = load(tiny_artifact).generate(
+        [PROMPT], max_tokens=14, repetition_penalty=1.8, presence_penalty=0.5, ignore_eos=True
+    )
+    assert got["token_ids"] == want.token_ids and len(want.token_ids) == 14
+    assert main(base) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] != want.token_ids

@@ -123,6 +123,31 @@ def test_greedy_completion_equals_engine_generate(client, ref):
     }
 
 
+def test_logits_processor_fields(client, ref):
+    # a +100 bias makes token 42 every greedy choice; penalties as engine.generate applies them
+    body = {"prompt": PROMPT, "max_tokens": 6, "logit_bias": {"42": 100}, "ignore_eos": True}
+    r = client.post("/v1/completions", json={**body, **GREEDY})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["token_ids"] == [42] * 6
+    fields = dict(repetition_penalty=1.5, presence_penalty=0.8, frequency_penalty=0.4)
+    [want] = ref.generate([PROMPT], max_tokens=16, temperature=0.0, **fields)
+    [plain] = ref.generate([PROMPT], max_tokens=16, temperature=0.0)
+    assert want.token_ids != plain.token_ids  # the penalties change the greedy text
+    r = client.post(
+        "/v1/completions", json={"prompt": PROMPT, "max_tokens": 16, **GREEDY, **fields}
+    )
+    assert r.json()["choices"][0]["token_ids"] == want.token_ids
+    r = client.post(
+        "/v1/completions",
+        json={"prompt": PROMPT, "max_tokens": 8, "temperature": 1.0, "min_p": 0.2, "seed": 3},
+    )
+    again = client.post(
+        "/v1/completions",
+        json={"prompt": PROMPT, "max_tokens": 8, "temperature": 1.0, "min_p": 0.2, "seed": 3},
+    )
+    assert r.json()["choices"][0]["token_ids"] == again.json()["choices"][0]["token_ids"]
+
+
 def test_token_id_prompt(client, ref):
     ids = ref.tokenizer.encode(PROMPT)
     [want] = ref.generate([ids], max_tokens=10)
@@ -298,6 +323,12 @@ BAD_INPUT = [
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop strings"),
     ("/v1/completions", {"prompt": "x", "n": 3}, 400, "n must be 1"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias keys"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"2048": 1}}, 400, "outside the vocab"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 300}}, 400, "[-100, 100]"),
+    ("/v1/completions", {"prompt": "x", "min_p": 2}, 400, "min_p must be in [0, 1]"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "batched prompts"),
     ("/v1/chat/completions", {"max_tokens": 3}, 422, "missing field 'messages'"),
     ("/v1/chat/completions", {"messages": "hi"}, 422, "messages"),
