@@ -48,6 +48,8 @@ class Engine:
         self.max_num_tokens = max_num_tokens
         self.scheduler = Scheduler(kv_cache, max_num_seqs, max_num_tokens)
         self.manifest = manifest
+        # sampling values a request leaves out (generation_config.json's; runtime/loader.py)
+        self.sampling_defaults: dict = {}
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -93,8 +95,7 @@ class Engine:
         back until they do, so no broken character is ever printed."""
         if self.tokenizer is None:
             raise RequestError("streaming text needs a tokenizer, and this artifact has none")
-        params = SamplingParams(max_tokens=max_tokens, **sampling)
-        seq = Sequence(self.encode(prompt), params, make_generator(params))
+        seq = self.new_sequence(prompt, max_tokens, **sampling)
         self.scheduler.add(seq)
         printed = ""
         while not seq.is_finished:
@@ -216,7 +217,7 @@ class Engine:
             RequestError: bad sampling parameters, or a prompt that is empty, too long for the
                 artifact, out of the vocabulary, or text without a tokenizer.
         """
-        params = SamplingParams(max_tokens=max_tokens, **sampling)
+        params = SamplingParams(max_tokens=max_tokens, **{**self.sampling_defaults, **sampling})
         return Sequence(self.encode(prompt), params, make_generator(params))
 
     def add_request(self, prompt: str | list[int], max_tokens: int = 16, **sampling) -> Sequence:

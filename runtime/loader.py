@@ -15,12 +15,13 @@ import xllm_compile.kernels  # noqa: F401  (registers the xllm:: ops the program
 from xllm_compile import arena_plans, artifact, program_format, signing
 from xllm_compile.backend import check_device
 from xllm_compile.config import DTYPES, ModelConfig
-from xllm_compile.errors import ArtifactError, ConfigError, XllmError
+from xllm_compile.errors import ArtifactError, ConfigError, RequestError, XllmError
 from xllm_compile.runtime.config import RuntimeConfig
 from xllm_compile.runtime.engine import Engine
 from xllm_compile.runtime.kv_cache import ContiguousKVCache, KVCache
 from xllm_compile.runtime.model_runner import ModelRunner
 from xllm_compile.runtime.paged_kv_cache import KVGeometry, build_paged_kv_cache
+from xllm_compile.runtime.sampler import SamplingParams
 from xllm_compile.runtime.step_programs import StepPrograms
 from xllm_compile.runtime.tokenizer import Tokenizer
 
@@ -90,6 +91,7 @@ def load(path: str | Path, config: RuntimeConfig | None = None, **overrides) -> 
         limits["max_num_tokens"],
         m,
     )
+    engine.sampling_defaults = _sampling_defaults(art)
     if graph_cache:
         from xllm_compile.runtime.model_runner import attach_graph_cache
 
@@ -280,6 +282,35 @@ def read_arena_plans(art: artifact.Artifact, graph_module) -> list:
     except ArtifactError as e:
         log.warning("%s: running without the activation arena", e)
         return []
+
+
+# generation_config.json's keys a request (or `xllm generate`) falls back to when it leaves them
+# out, as vLLM does (its do_sample is not read: vLLM does not either)
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def _sampling_defaults(art: artifact.Artifact) -> dict:
+    """The model's own sampling defaults from generation_config.json; a value SamplingParams
+    refuses (the file is untrusted) is left out with a warning."""
+    if not art.has("generation_config.json"):
+        return {}
+    try:
+        gen = json.loads(art.file("generation_config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    if not isinstance(gen, dict):
+        return {}
+    out = {}
+    for key in SAMPLING_DEFAULT_KEYS:
+        if key not in gen:
+            continue
+        try:
+            SamplingParams(**{key: gen[key]})
+        except (RequestError, TypeError) as e:
+            log.warning("generation_config.json: %s ignored (%s)", key, e)
+            continue
+        out[key] = gen[key]
+    return out
 
 
 def _eos_token_ids(art: artifact.Artifact, config: ModelConfig) -> tuple[int, ...]:

@@ -215,19 +215,23 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         if body.logprobs:
             raise RequestError("logprobs are not supported")
 
+    def given(value, key: str, default):
+        """The request's value, else the model's generation_config.json's, else `default`."""
+        return value if value is not None else engine.engine.sampling_defaults.get(key, default)
+
     def sampling(body: _SamplingBody, max_tokens: int | None) -> tuple[dict, tuple[str, ...]]:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         stop_ids = [s for s in stop if isinstance(s, int)] + list(body.stop_token_ids or [])
         kwargs = dict(
             max_tokens=engine.engine.max_model_len if max_tokens is None else max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=0 if body.top_k is None or body.top_k < 0 else body.top_k,  # -1: off (vLLM)
+            temperature=given(body.temperature, "temperature", 1.0),  # OpenAI's default: 1
+            top_p=given(body.top_p, "top_p", 1.0),
+            top_k=max(given(body.top_k, "top_k", 0), 0),  # -1: off (vLLM)
             seed=body.seed,
             stop_token_ids=tuple(stop_ids),
             ignore_eos=body.ignore_eos,
-            min_p=0.0 if body.min_p is None else body.min_p,
-            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            min_p=given(body.min_p, "min_p", 0.0),
+            repetition_penalty=given(body.repetition_penalty, "repetition_penalty", 1.0),
             presence_penalty=0.0 if body.presence_penalty is None else body.presence_penalty,
             frequency_penalty=0.0 if body.frequency_penalty is None else body.frequency_penalty,
             logit_bias=_logit_bias(body.logit_bias, vocab_size),

@@ -218,13 +218,11 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--chat", help="a user message, wrapped in the model's chat template")
     src.add_argument("--token-ids", dest="token_ids", help="prompt as comma-separated token ids")
     p.add_argument("--max-tokens", type=int, default=32, dest="max_tokens")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0, dest="top_p")
-    p.add_argument("--top-k", type=int, default=0, dest="top_k")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--min-p", type=float, default=0.0, dest="min_p")
+    _add_sampling_args(p)
+    p.add_argument("--top-k", type=int, default=None, dest="top_k")
+    p.add_argument("--min-p", type=float, default=None, dest="min_p")
     p.add_argument(
-        "--repetition-penalty", type=float, default=1.0, dest="repetition_penalty", help="1: off"
+        "--repetition-penalty", type=float, default=None, dest="repetition_penalty", help="1: off"
     )
     p.add_argument("--presence-penalty", type=float, default=0.0, dest="presence_penalty")
     p.add_argument("--frequency-penalty", type=float, default=0.0, dest="frequency_penalty")
@@ -236,6 +234,19 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     )
     _add_runtime_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    what = "default: the model's generation_config.json, else"
+    p.add_argument("--temperature", type=float, default=None, help=f"{what} 0 (greedy)")
+    p.add_argument("--top-p", type=float, default=None, dest="top_p", help=f"{what} 1")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _sampling_kwargs(args: argparse.Namespace, *names: str) -> dict:
+    """The sampling flags the user gave: the engine fills the rest from generation_config.json
+    (as `xllm serve` does for a request), then SamplingParams' defaults."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -294,15 +305,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     results = engine.generate(
         prompts,
         max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
         ignore_eos=args.ignore_eos,
+        **_sampling_kwargs(
+            args,
+            "temperature",
+            "top_p",
+            "top_k",
+            "seed",
+            "min_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+        ),
     )
     for r in results:
         if args.json:
@@ -354,9 +368,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         engine,
         system=args.system,
         max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
+        **_sampling_kwargs(args, "temperature", "top_p", "seed"),
     )
     return 0
 
@@ -442,9 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("--max-tokens", type=int, default=256, dest="max_tokens")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0, dest="top_p")
-    p.add_argument("--seed", type=int, default=None)
+    _add_sampling_args(p)
     _add_runtime_args(p)
     p.set_defaults(func=cmd_chat)
     p = sub.add_parser("serve", help="serve an artifact over OpenAI-compatible HTTP")

@@ -106,3 +106,53 @@ def test_cli_sampling_processors_are_the_engines(tiny_artifact, capsys):
     assert got["token_ids"] == want.token_ids and len(want.token_ids) == 14
     assert main(base) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] != want.token_ids
+
+
+def test_generation_config_sampling_defaults(tiny_artifact, tmp_path, capsys):
+    """Values a request leaves out come from generation_config.json (as vLLM takes them); a
+    value SamplingParams refuses is left out; the CLI and the engine agree."""
+    import json
+    import shutil
+
+    from tests.conftest import rehash
+    from xllm_compile.cli import main
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    gen = json.loads((art / "generation_config.json").read_text())
+    gen.update(temperature=0.0, repetition_penalty=1.8, top_k="many")
+    (art / "generation_config.json").write_text(json.dumps(gen))
+    rehash(art)
+    engine = load(art)
+    assert engine.sampling_defaults == {"temperature": 0.0, "repetition_penalty": 1.8}
+    [want] = load(tiny_artifact).generate([PROMPT], max_tokens=12, repetition_penalty=1.8)
+    [plain] = load(tiny_artifact).generate([PROMPT], max_tokens=12)
+    assert want.token_ids != plain.token_ids
+    assert engine.generate([PROMPT], max_tokens=12)[0].token_ids == want.token_ids
+    # a flag given wins over the file
+    [off] = engine.generate([PROMPT], max_tokens=12, repetition_penalty=1.0)
+    assert off.token_ids == plain.token_ids
+    assert main(["generate", str(art), "--prompt", PROMPT, "--max-tokens", "12", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == want.token_ids
+    # and a request to `xllm serve` that leaves them out
+    import threading
+    import time
+
+    import httpx
+
+    from xllm_compile.runtime.server import HTTPServer, ServerConfig
+
+    srv = HTTPServer(engine, ServerConfig(port=0, model_name="tiny"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        body = {"prompt": PROMPT, "max_tokens": 12}
+        r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=120)
+        assert r.json()["choices"][0]["token_ids"] == want.token_ids  # greedy and penalized
+    finally:
+        srv.stop()
+        thread.join(timeout=30)
