@@ -209,16 +209,33 @@ class Engine:
     # Request-level verbs: the server's engine loop (runtime/async_engine.py) drives the engine
     # through these, one request at a time, between steps.
 
-    def new_sequence(self, prompt: str | list[int], max_tokens: int = 16, **sampling) -> Sequence:
+    def new_sequence(
+        self,
+        prompt: str | list[int],
+        max_tokens: int = 16,
+        *,
+        strict_length: bool = False,
+        **sampling,
+    ) -> Sequence:
         """A checked sequence for `prompt`, not yet scheduled. Reads no scheduler state, so a
         server may call it from another thread than the one stepping the engine.
 
         Raises:
             RequestError: bad sampling parameters, or a prompt that is empty, too long for the
-                artifact, out of the vocabulary, or text without a tokenizer.
+                artifact, out of the vocabulary, or text without a tokenizer; with
+                `strict_length`, a prompt plus max_tokens past the artifact's length (as OpenAI
+                and vLLM refuse it).
         """
         params = SamplingParams(max_tokens=max_tokens, **{**self.sampling_defaults, **sampling})
-        return Sequence(self.encode(prompt), params, make_generator(params))
+        ids = self.encode(prompt)
+        if strict_length and len(ids) + max_tokens > self.max_model_len:
+            # (otherwise generation stops at the artifact's length, finish_reason "length")
+            raise RequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens, and the "
+                f"request asks for {len(ids) + max_tokens} ({len(ids)} in the prompt, "
+                f"{max_tokens} to generate): shorten the prompt or lower max_tokens"
+            )
+        return Sequence(ids, params, make_generator(params))
 
     def add_request(self, prompt: str | list[int], max_tokens: int = 16, **sampling) -> Sequence:
         """Queue one prompt; it joins the batch at the next `step()`. Raises as `new_sequence`."""

@@ -268,6 +268,7 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
                 raise RequestError("batched prompts are not supported: send one per request")
             prompt = prompt[0]
         kwargs, stop = sampling(body, body.max_tokens)
+        kwargs["strict_length"] = "max_tokens" in body.model_fields_set
         # tokenizing a long prompt takes a while: off the event loop, which serves everyone
         seq = await asyncio.to_thread(engine.submit, prompt, stop, **kwargs)
         metrics.requests_total += 1
@@ -302,6 +303,7 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         if body.max_completion_tokens is not None:  # the newer name wins
             max_tokens = body.max_completion_tokens
         kwargs, stop = sampling(body, max_tokens)
+        kwargs["strict_length"] = max_tokens is not None  # default: up to the artifact's length
         seq = await asyncio.to_thread(engine.submit, prompt, stop, **kwargs)
         metrics.requests_total += 1
         head = _Head(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", model_name)

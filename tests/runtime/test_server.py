@@ -323,6 +323,13 @@ BAD_INPUT = [
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop strings"),
     ("/v1/completions", {"prompt": "x", "n": 3}, 400, "n must be 1"),
+    ("/v1/completions", {"prompt": [5] * 10, "max_tokens": 503}, 400, "513 (10 in the prompt"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 600},
+        400,
+        "maximum context length is 512 tokens",
+    ),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias keys"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"2048": 1}}, 400, "outside the vocab"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 300}}, 400, "[-100, 100]"),
