@@ -47,6 +47,8 @@ class ServerConfig:
     header_timeout_s: float = 10.0  # a connection without request headers by then is closed
 
 
+MAX_PROMPTS = 64  # prompts in one completions request (each its own sequence in the batch)
+
 # -- request bodies (strict: "3" is not an int; unknown OpenAI fields are accepted and ignored) --
 
 
@@ -262,32 +264,36 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         check(body)
         if body.echo:
             raise RequestError("echo is not supported")
-        prompt = body.prompt
-        if prompt and isinstance(prompt[0], (str, list)) and not isinstance(prompt, str):
-            if len(prompt) != 1:
-                raise RequestError("batched prompts are not supported: send one per request")
-            prompt = prompt[0]
+        prompts = body.prompt
+        if not (prompts and isinstance(prompts[0], (str, list)) and not isinstance(prompts, str)):
+            prompts = [prompts]  # one prompt: text or token ids
+        if len(prompts) > MAX_PROMPTS:
+            raise RequestError(f"at most {MAX_PROMPTS} prompts in one request, got {len(prompts)}")
         kwargs, stop = sampling(body, body.max_tokens)
         kwargs["strict_length"] = "max_tokens" in body.model_fields_set
-        # tokenizing a long prompt takes a while: off the event loop, which serves everyone
-        seq = await asyncio.to_thread(engine.submit, prompt, stop, **kwargs)
+        # tokenizing a long prompt takes a while: off the event loop, which serves everyone.
+        # Every prompt is checked before any is scheduled: a bad one leaves nothing running.
+        seqs = [await asyncio.to_thread(engine.submit, p, stop, **kwargs) for p in prompts]
         metrics.requests_total += 1
         head = _Head(f"cmpl-{uuid.uuid4().hex}", "text_completion", model_name)
+        streams = [engine.stream(seq, stop) for seq in seqs]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = _completion_chunks(engine.stream(seq, stop), head, include_usage)
-            return _sse(chunks)
-        done = await _collect(engine.stream(seq, stop), request)
+            return _sse(_completion_chunks(_merged(streams), head, include_usage))
+        done = await _collect_all(streams, request)
         if done is None:
             return _client_gone()
-        choice = {
-            "index": 0,
-            "text": done.text,
-            "logprobs": None,
-            "finish_reason": done.finish_reason,
-            "token_ids": done.token_ids,
-        }
-        return {**head.fields(), "choices": [choice], "usage": _usage(done)}
+        choices = [
+            {
+                "index": i,
+                "text": out.text,
+                "logprobs": None,
+                "finish_reason": out.finish_reason,
+                "token_ids": out.token_ids,
+            }
+            for i, out in enumerate(done)
+        ]
+        return {**head.fields(), "choices": choices, "usage": _usage(*done)}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -355,21 +361,18 @@ class _Head:
         }
 
 
-async def _collect(outputs: AsyncIterator[RequestOutput], request: Request) -> RequestOutput | None:
-    """The whole output of a non-streamed request, or None if the client hung up first: that
-    cancels the collection, which aborts the sequence (else it would run on for nobody)."""
-
-    async def gather() -> RequestOutput:
-        text, ids, last = [], [], None
-        async for out in outputs:
-            text.append(out.text)
-            ids.extend(out.token_ids)
-            last = out
-        return RequestOutput("".join(text), ids, last.finish_reason, last.prompt_tokens, len(ids))
+async def _collect_all(
+    outputs: list[AsyncIterator[RequestOutput]], request: Request
+) -> list[RequestOutput] | None:
+    """The whole outputs of a non-streamed request's sequences, or None if the client hung up
+    first: that cancels the collection, which aborts every sequence."""
 
     async def hung_up() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
+
+    async def gather() -> list[RequestOutput]:
+        return list(await asyncio.gather(*(_whole(o) for o in outputs)))
 
     work, watch = asyncio.ensure_future(gather()), asyncio.ensure_future(hung_up())
     try:
@@ -377,8 +380,54 @@ async def _collect(outputs: AsyncIterator[RequestOutput], request: Request) -> R
     finally:
         watch.cancel()
         if not work.done():
-            work.cancel()  # closing the stream aborts the sequence
+            work.cancel()  # closing the streams aborts the sequences
     return None if work.cancelled() else work.result()
+
+
+async def _collect(outputs: AsyncIterator[RequestOutput], request: Request) -> RequestOutput | None:
+    """The whole output of a non-streamed request, or None if the client hung up first: that
+    cancels the collection, which aborts the sequence (else it would run on for nobody)."""
+    done = await _collect_all([outputs], request)
+    return None if done is None else done[0]
+
+
+async def _whole(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    text, ids, last = [], [], None
+    async for out in outputs:
+        text.append(out.text)
+        ids.extend(out.token_ids)
+        last = out
+    return RequestOutput("".join(text), ids, last.finish_reason, last.prompt_tokens, len(ids))
+
+
+async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple]:
+    """(index, output) of several streams as each comes; leaving early (the client went away)
+    closes every stream, which aborts its sequence."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        except Exception as e:  # an engine error ends the whole response
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    open_ = len(tasks)
+    try:
+        while open_:
+            i, item = await queue.get()
+            if item is None:
+                open_ -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
@@ -395,21 +444,21 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
 
 
 async def _completion_chunks(
-    outputs: AsyncIterator[RequestOutput], head: _Head, include_usage: bool
+    outputs: AsyncIterator[tuple[int, RequestOutput]], head: _Head, include_usage: bool
 ) -> AsyncIterator[dict]:
-    last = None
-    async for out in outputs:
+    last: dict[int, RequestOutput] = {}
+    async for i, out in outputs:
         choice = {
-            "index": 0,
+            "index": i,
             "text": out.text,
             "logprobs": None,
             "finish_reason": out.finish_reason,
             "token_ids": out.token_ids,
         }
         yield {**head.fields(), "choices": [choice]}
-        last = out
-    if include_usage and last is not None:
-        yield {**head.fields(), "choices": [], "usage": _usage(last)}
+        last[i] = out
+    if include_usage and last:
+        yield {**head.fields(), "choices": [], "usage": _usage(*last.values())}
 
 
 async def _chat_chunks(
@@ -428,12 +477,14 @@ async def _chat_chunks(
         yield {**head.fields(kind), "choices": [], "usage": _usage(last)}
 
 
-def _usage(out: RequestOutput) -> dict:
-    total = out.prompt_tokens + out.completion_tokens
+def _usage(*outs: RequestOutput) -> dict:
+    """Token counts over a request's sequences (one per prompt)."""
+    prompt = sum(o.prompt_tokens for o in outs)
+    completion = sum(o.completion_tokens for o in outs)
     return {
-        "prompt_tokens": out.prompt_tokens,
-        "completion_tokens": out.completion_tokens,
-        "total_tokens": total,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
     }
 
 

@@ -223,6 +223,34 @@ def test_request_arriving_mid_generation_joins_the_batch(server, ref):
     assert len(tokens) == 480
 
 
+def test_a_list_of_prompts_is_one_choice_each(client, ref):
+    prompts = PROMPTS[:4]
+    want = [ref.generate([p], max_tokens=10, ignore_eos=True)[0] for p in prompts]
+    body = {"prompt": prompts, "max_tokens": 10, "ignore_eos": True, **GREEDY}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+    assert [c["token_ids"] for c in out["choices"]] == [w.token_ids for w in want]
+    assert out["usage"]["completion_tokens"] == 40
+    assert out["usage"]["prompt_tokens"] == sum(len(w.prompt_ids) for w in want)
+    ids = [ref.tokenizer.encode(p) for p in prompts[:2]]  # token-id prompts too
+    r = client.post("/v1/completions", json={**body, "prompt": ids})
+    assert [c["token_ids"] for c in r.json()["choices"]] == [w.token_ids for w in want[:2]]
+    # streamed: each index's chunks concatenate to its prompt's text
+    chunks = post_stream(
+        client, "/v1/completions", {**body, "stream_options": {"include_usage": True}}
+    )
+    *pieces, usage = chunks
+    texts = ["", "", "", ""]
+    for chunk in pieces:
+        [choice] = chunk["choices"]
+        texts[choice["index"]] += choice["text"]
+    assert texts == [w.text for w in want]
+    assert usage["usage"]["completion_tokens"] == 40
+    assert idle(wait_for(client, idle, "the sequences to finish"))
+
+
 def test_streamed_chunks_concatenate_to_the_whole_text(client):
     body = {"prompt": PROMPT, "max_tokens": 30, "ignore_eos": True, **GREEDY}
     whole = client.post("/v1/completions", json=body).json()["choices"][0]
@@ -336,7 +364,8 @@ BAD_INPUT = [
     ("/v1/completions", {"prompt": "x", "min_p": 2}, 400, "min_p must be in [0, 1]"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
     ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "batched prompts"),
+    ("/v1/completions", {"prompt": ["x"] * 65}, 400, "at most 64 prompts"),
+    ("/v1/completions", {"prompt": ["x", ""]}, 400, "empty"),
     ("/v1/chat/completions", {"max_tokens": 3}, 422, "missing field 'messages'"),
     ("/v1/chat/completions", {"messages": "hi"}, 422, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 422, "content"),
