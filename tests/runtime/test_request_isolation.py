@@ -190,7 +190,7 @@ def test_sigterm_ends_open_streams_with_a_final_event(tiny_artifact):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = proc.stdout.readline().split(" at ")[1].split()[0].removesuffix("/v1")
-        body = {"prompt": "It is", "max_tokens": 100_000, "ignore_eos": True, "stream": True}
+        body = {"prompt": "It is", "max_tokens": 510, "ignore_eos": True, "stream": True}  # all 512
         with httpx.Client(base_url=url, timeout=60) as c:
             with c.stream("POST", "/v1/completions", json=body) as r:
                 lines = r.iter_lines()
