@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -66,3 +67,26 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
     assert len(lines) == 1, proc.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+@contextlib.contextmanager
+def running_server(engine, model_name: str = "tiny"):
+    """A real HTTPServer over `engine` on a free loopback port, in a thread; stopped after."""
+    import threading
+    import time
+
+    from xllm_compile.runtime.server import HTTPServer, ServerConfig
+
+    srv = HTTPServer(engine, ServerConfig(port=0, model_name=model_name))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        thread.join(timeout=30)
+    assert not thread.is_alive() and not srv.engine.is_alive

@@ -135,24 +135,11 @@ def test_generation_config_sampling_defaults(tiny_artifact, tmp_path, capsys):
     assert main(["generate", str(art), "--prompt", PROMPT, "--max-tokens", "12", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == want.token_ids
     # and a request to `xllm serve` that leaves them out
-    import threading
-    import time
-
     import httpx
 
-    from xllm_compile.runtime.server import HTTPServer, ServerConfig
+    from helpers import running_server
 
-    srv = HTTPServer(engine, ServerConfig(port=0, model_name="tiny"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
+    with running_server(engine) as srv:
         body = {"prompt": PROMPT, "max_tokens": 12}
         r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=120)
         assert r.json()["choices"][0]["token_ids"] == want.token_ids  # greedy and penalized
-    finally:
-        srv.stop()
-        thread.join(timeout=30)

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import httpx
 import pytest
 
 from xllm_compile.runtime import load
-from xllm_compile.runtime.server import HTTPServer, ServerConfig
+
+from helpers import running_server
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny-llama"
 PROMPT = "It is a truth universally acknowledged"
@@ -48,17 +48,8 @@ def ref(artifact):
 
 @pytest.fixture(scope="module")
 def server(artifact):
-    srv = HTTPServer(load(artifact), ServerConfig(port=0, model_name="tiny"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    yield srv
-    srv.stop()
-    thread.join(timeout=30)
-    assert not thread.is_alive() and not srv.engine.is_alive
+    with running_server(load(artifact)) as srv:
+        yield srv
 
 
 @pytest.fixture
