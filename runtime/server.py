@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 import uuid
@@ -136,6 +137,59 @@ class APIError(Exception):
         self.status, self.message, self.type, self.code = status, message, type_, code
 
 
+ACCESS_LOG = logging.getLogger("xllm.access")
+
+
+class AccessLog:
+    """ASGI middleware: one line per HTTP request once its response is complete (a stream at its
+    end): method, path, status, the request's token counts, seconds, and a 4xx/5xx's reason.
+
+        POST /v1/completions 200 prompt=9 completion=24 0.412s
+        POST /v1/completions 400 0.003s: max_tokens must be at least 1, got 0
+
+    It reads the scope and the response messages only (it never touches `receive`, so a
+    client hanging up is still seen by the handler)."""
+
+    MAX_ERROR_BYTES = 4096
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status, error = time.perf_counter(), 0, bytearray()
+
+        async def sending(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and status >= 400:
+                error.extend(message.get("body", b"")[: self.MAX_ERROR_BYTES - len(error)])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            ACCESS_LOG.info("%s", self._line(scope, status, time.perf_counter() - start, error))
+
+    @staticmethod
+    def _line(scope, status: int, seconds: float, error: bytes) -> str:
+        usage = scope.get("state", {}).get("usage") or {}
+        tokens = "".join(
+            f" {k.split('_')[0]}={usage[k]}"
+            for k in ("prompt_tokens", "completion_tokens")
+            if k in usage
+        )
+        line = f"{scope['method']} {scope['path']} {status or '-'}{tokens} {seconds:.3f}s"
+        if error:
+            try:
+                line += ": " + json.loads(error)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                pass
+        return line
+
+
 def _error(status: int, message: str, type_: str, code: str | None = None) -> JSONResponse:
     one_line = " ".join(message.split())
     body = {"error": {"message": one_line, "type": type_, "code": code}}
@@ -163,6 +217,7 @@ def _validation_message(err: dict) -> str:
 def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     """The FastAPI app over a started `engine`, answering as model `model_name`."""
     app = FastAPI(title="xllm", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(AccessLog)
     created = int(time.time())
     metrics = engine.metrics
     vocab_size = engine.engine.manifest["model"]["config"]["vocab_size"]
@@ -277,9 +332,11 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         metrics.requests_total += 1
         head = _Head(f"cmpl-{uuid.uuid4().hex}", "text_completion", model_name)
         streams = [engine.stream(seq, stop) for seq in seqs]
+        request.state.usage = {}  # for the access log, filled as the request ends
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(_completion_chunks(_merged(streams), head, include_usage))
+            chunks = _completion_chunks(_merged(streams), head, include_usage, request.state.usage)
+            return _sse(chunks)
         done = await _collect_all(streams, request)
         if done is None:
             return _client_gone()
@@ -293,6 +350,7 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             }
             for i, out in enumerate(done)
         ]
+        request.state.usage.update(_usage(*done))
         return {**head.fields(), "choices": choices, "usage": _usage(*done)}
 
     @app.post("/v1/chat/completions")
@@ -313,12 +371,15 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         seq = await asyncio.to_thread(engine.submit, prompt, stop, **kwargs)
         metrics.requests_total += 1
         head = _Head(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", model_name)
+        request.state.usage = {}  # for the access log, filled as the request ends
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(_chat_chunks(engine.stream(seq, stop), head, include_usage))
+            outputs = engine.stream(seq, stop)
+            return _sse(_chat_chunks(outputs, head, include_usage, request.state.usage))
         done = await _collect(engine.stream(seq, stop), request)
         if done is None:
             return _client_gone()
+        request.state.usage.update(_usage(done))
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": done.text},
@@ -444,8 +505,12 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
 
 
 async def _completion_chunks(
-    outputs: AsyncIterator[tuple[int, RequestOutput]], head: _Head, include_usage: bool
+    outputs: AsyncIterator[tuple[int, RequestOutput]],
+    head: _Head,
+    include_usage: bool,
+    usage: dict,
 ) -> AsyncIterator[dict]:
+    """The chunks of a streamed completion; `usage` gets the token counts at the end."""
     last: dict[int, RequestOutput] = {}
     async for i, out in outputs:
         choice = {
@@ -457,13 +522,15 @@ async def _completion_chunks(
         }
         yield {**head.fields(), "choices": [choice]}
         last[i] = out
+    usage.update(_usage(*last.values()) if last else {})
     if include_usage and last:
         yield {**head.fields(), "choices": [], "usage": _usage(*last.values())}
 
 
 async def _chat_chunks(
-    outputs: AsyncIterator[RequestOutput], head: _Head, include_usage: bool
+    outputs: AsyncIterator[RequestOutput], head: _Head, include_usage: bool, usage: dict
 ) -> AsyncIterator[dict]:
+    """The chunks of a streamed chat completion; `usage` gets the token counts at the end."""
     kind = "chat.completion.chunk"
     first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
     yield {**head.fields(kind), "choices": [first]}
@@ -473,6 +540,8 @@ async def _chat_chunks(
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": out.finish_reason}
         yield {**head.fields(kind), "choices": [choice]}
         last = out
+    if last is not None:
+        usage.update(_usage(last))
     if include_usage and last is not None:
         yield {**head.fields(kind), "choices": [], "usage": _usage(last)}
 

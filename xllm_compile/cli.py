@@ -394,6 +394,12 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--warmup", action="store_true", help="build every graph bucket before serving")
     p.add_argument(
+        "--no-access-log",
+        action="store_true",
+        dest="no_access_log",
+        help="no per-request line on stderr",
+    )
+    p.add_argument(
         "--shutdown-grace",
         type=float,
         default=None,
@@ -407,6 +413,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from xllm_compile.runtime.server import HTTPServer, ServerConfig, model_name_for
 
+    if not args.no_access_log:  # one line per request on stderr (runtime/server.py AccessLog)
+        logging.getLogger("xllm.access").setLevel(logging.INFO)
     engine = _load(args, max_num_seqs=args.max_num_seqs)
     if args.warmup:
         engine.warmup(show_progress=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import socket
 import subprocess
@@ -531,3 +532,32 @@ def test_serve_prints_its_url_answers_and_stops_cleanly_on_ctrl_c(artifact):
             proc.kill()
     assert proc.returncode == 0, err
     assert "Traceback" not in err and not out.strip()
+
+
+def test_access_log_has_one_line_per_request(client, ref, caplog):
+    caplog.set_level(logging.INFO, logger="xllm.access")
+    body = {"prompt": "She was", "max_tokens": 3, "ignore_eos": True, **GREEDY}
+    client.post("/v1/completions", json=body)
+    post_stream(client, "/v1/completions", body)
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **GREEDY}
+    post_stream(client, "/v1/chat/completions", chat)
+    client.post("/v1/completions", json={**body, "max_tokens": 0})
+    client.get("/health")
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "xllm.access"]
+
+    deadline = time.monotonic() + 30  # a stream's line comes as its response ends
+    while len(lines()) < 5:
+        assert time.monotonic() < deadline, lines()
+        time.sleep(0.02)
+    plain, streamed, chat_line, bad, health = lines()[:5]
+    prompt = len(ref.tokenizer.encode("She was"))
+    for line in (plain, streamed):
+        assert line.startswith("POST /v1/completions 200 ")
+        assert f"prompt={prompt} completion=3 " in line and line.endswith("s")
+    assert chat_line.startswith("POST /v1/chat/completions 200 prompt=")
+    assert "completion=2 " in chat_line
+    assert bad.startswith("POST /v1/completions 400 ")
+    assert bad.endswith(": max_tokens must be at least 1, got 0")
+    assert health.startswith("GET /health 200 ")
