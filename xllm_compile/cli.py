@@ -302,21 +302,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": args.chat}])]
     else:
         prompts = args.prompt
+    sampling = _sampling_kwargs(
+        args,
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+    )
+    if len(prompts) == 1 and not args.json and args.token_ids is None and engine.tokenizer:
+        # one text prompt: its text as it is generated (a failure after some text is still
+        # one line on stderr and exit status 2)
+        for piece in engine.stream(
+            prompts[0], max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, **sampling
+        ):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
     results = engine.generate(
-        prompts,
-        max_tokens=args.max_tokens,
-        ignore_eos=args.ignore_eos,
-        **_sampling_kwargs(
-            args,
-            "temperature",
-            "top_p",
-            "top_k",
-            "seed",
-            "min_p",
-            "repetition_penalty",
-            "presence_penalty",
-            "frequency_penalty",
-        ),
+        prompts, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, **sampling
     )
     for r in results:
         if args.json:
