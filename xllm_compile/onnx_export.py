@@ -172,7 +172,7 @@ class _Converter:
             if node.op == "placeholder":
                 spec = kinds[node.name]
                 if spec.kind.name == "USER_INPUT":
-                    inputs.append(self._input(node))
+                    inputs.append(self._value_info(node.name, node))
                     self.env[node] = node.name
                     if node.name == "kv_cache":
                         self.kv_node = node
@@ -202,9 +202,6 @@ class _Converter:
             for axis, s in enumerate(val.shape)
         ]
         return helper.make_tensor_value_info(name, _onnx_dtype(val.dtype), dims)
-
-    def _input(self, node: torch.fx.Node):
-        return self._value_info(node.name, node)
 
     def _call(self, node: torch.fx.Node) -> None:
         target = node.target
