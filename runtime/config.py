@@ -36,6 +36,12 @@ class RuntimeConfig:
             is signed by one of them (signing.py); None: integrity checks only.
         tp_timeout_s: a tensor-parallel artifact: how long a step may wait on the other
             ranks before the group is declared down (runtime/tp_group.py).
+        max_num_batched_tokens: tokens in one step (decodes and prefill chunks together); a
+            longer prompt is prefilled in chunks. Default: the artifact's --max-num-tokens,
+            which also bounds it.
+        prefix_caching: share the KV pages of prompt prefixes already computed (by running
+            sequences, or finished ones kept until memory is needed): runtime/prefix_cache.py.
+            None: on with the paged KV cache of a one-rank artifact.
     """
 
     device: str | None = None
@@ -49,6 +55,8 @@ class RuntimeConfig:
     arena: bool | None = None
     trust: str | None = None
     tp_timeout_s: float = 30.0
+    max_num_batched_tokens: int | None = None
+    prefix_caching: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kv_cache is not None and self.kv_cache not in KV_CACHES:
@@ -62,6 +70,10 @@ class RuntimeConfig:
             raise ConfigError(f"kv_memory must be positive, got {self.kv_memory}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ConfigError(
+                f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}"
+            )
         if not self.tp_timeout_s > 0:
             raise ConfigError(f"tp_timeout_s must be positive, got {self.tp_timeout_s}")
 

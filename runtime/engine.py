@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xllm_compile.errors import RequestError, XllmError
+from xllm_compile.errors import ConfigError, RequestError, XllmError
 from xllm_compile.runtime.kv_cache import KVCache
 from xllm_compile.runtime.model_runner import ModelRunner
 from xllm_compile.runtime.sampler import SamplingParams, make_generator, sample
@@ -39,14 +39,33 @@ class Engine:
         max_num_seqs: int,
         max_num_tokens: int,
         manifest: dict,
+        max_num_batched_tokens: int | None = None,
+        prefix_caching: bool = False,
     ) -> None:
+        """`max_num_tokens`: the artifact's most tokens in one step; `max_num_batched_tokens`:
+        the scheduler's per-step budget (at most that; default: that), over which prompts are
+        prefilled in chunks; `prefix_caching`: share KV pages of common prefixes (a paged
+        cache only: runtime/prefix_cache.py)."""
+        from xllm_compile.runtime.paged_kv_cache import PagedKVCache
+        from xllm_compile.runtime.prefix_cache import PrefixCache
+
         self.runner = runner
         self.kv_cache = kv_cache
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = kv_cache.max_len
         self.max_num_tokens = max_num_tokens
-        self.scheduler = Scheduler(kv_cache, max_num_seqs, max_num_tokens)
+        budget = max_num_batched_tokens or max_num_tokens
+        if not 1 <= budget <= max_num_tokens:
+            raise ConfigError(
+                f"max_num_batched_tokens must be in [1, {max_num_tokens}] (the artifact's "
+                f"--max-num-tokens), got {budget}"
+            )
+        self.max_num_batched_tokens = budget
+        if prefix_caching and not isinstance(kv_cache, PagedKVCache):
+            raise ConfigError("prefix caching shares KV pages: it needs the paged KV cache")
+        self.prefix_cache = PrefixCache(kv_cache) if prefix_caching else None
+        self.scheduler = Scheduler(kv_cache, max_num_seqs, budget, self.prefix_cache)
         self.manifest = manifest
         # sampling values a request leaves out (generation_config.json's; runtime/loader.py)
         self.sampling_defaults: dict = {}
@@ -66,11 +85,11 @@ class Engine:
             ids = [int(t) for t in prompt]
         if not ids:
             raise RequestError("the prompt is empty")
-        limit = min(self.max_model_len - 1, self.max_num_tokens)
+        limit = self.max_model_len - 1  # longer than a step's budget: prefilled in chunks
         if len(ids) > limit:
             raise RequestError(
                 f"the prompt has {len(ids)} tokens; this artifact takes at most {limit} "
-                "(recompile with a larger --max-model-len / --max-num-tokens)"
+                "(recompile with a larger --max-model-len)"
             )
         vocab = self.manifest["model"]["config"]["vocab_size"]
         if any(not 0 <= t < vocab for t in ids):
@@ -143,6 +162,14 @@ class Engine:
         seqs, logits = self._forward(batch.seqs)
         if not seqs:
             return
+        self.scheduler.stepped(seqs)
+        # a sequence whose prompt is not all computed yet (a chunk of it ran) samples nothing
+        ready = [i for i, s in enumerate(seqs) if s.num_cached == s.num_tokens]
+        if len(ready) < len(seqs):
+            seqs = [seqs[i] for i in ready]
+            logits = logits[ready]
+        if not seqs:
+            return
         tokens = sample(
             logits,
             [s.params for s in seqs],
@@ -183,7 +210,8 @@ class Engine:
         scheduler's bookkeeping: a step that raises marks nothing). Returns logits [N, V]."""
         logits = self.runner.run(seqs, self.kv_cache.tensor, all_logits)
         for seq in seqs:
-            seq.num_cached = seq.num_tokens
+            seq.num_cached += len(seq.step_ids())
+            seq.num_scheduled = None
         return logits
 
     def _fail(self, seq: Sequence, message: str) -> None:

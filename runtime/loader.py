@@ -20,7 +20,7 @@ from xllm_compile.runtime.config import RuntimeConfig
 from xllm_compile.runtime.engine import Engine
 from xllm_compile.runtime.kv_cache import ContiguousKVCache, KVCache
 from xllm_compile.runtime.model_runner import ModelRunner
-from xllm_compile.runtime.paged_kv_cache import KVGeometry, build_paged_kv_cache
+from xllm_compile.runtime.paged_kv_cache import KVGeometry, PagedKVCache, build_paged_kv_cache
 from xllm_compile.runtime.sampler import SamplingParams
 from xllm_compile.runtime.step_programs import StepPrograms
 from xllm_compile.runtime.tokenizer import Tokenizer
@@ -82,6 +82,13 @@ def load(path: str | Path, config: RuntimeConfig | None = None, **overrides) -> 
     if m.get("tokenizer"):  # the tokenizer files the manifest lists and hashes, no others
         files = [f for f in m["tokenizer"].get("files", []) if art.has(f)]
         tokenizer = Tokenizer(art.path, files)
+    prefix = c.prefix_caching
+    if prefix is None:  # the paged cache of one rank (a --tp artifact's ranks would all alias)
+        prefix = isinstance(cache, PagedKVCache)
+    elif prefix and not isinstance(cache, PagedKVCache):
+        raise ConfigError(
+            "prefix caching maps shared KV pages: it needs kv_cache='paged' on one rank"
+        )
     engine = Engine(
         runner,
         cache,
@@ -90,6 +97,8 @@ def load(path: str | Path, config: RuntimeConfig | None = None, **overrides) -> 
         num_seqs,
         limits["max_num_tokens"],
         m,
+        max_num_batched_tokens=c.max_num_batched_tokens,
+        prefix_caching=prefix,
     )
     engine.sampling_defaults = _sampling_defaults(art)
     if graph_cache:

@@ -71,7 +71,7 @@ def step_rows(seqs: list[Sequence], all_logits: bool = False) -> list[list[int]]
     logits_indices [N] (the last token of each sequence, or every token)."""
     ids, positions, token_slots, query_lens, seq_lens = [], [], [], [], []
     for seq in seqs:
-        pending = seq.pending_ids()
+        pending = seq.step_ids()
         ids += pending
         positions += range(seq.num_cached, seq.num_cached + len(pending))
         token_slots += [seq.slot] * len(pending)

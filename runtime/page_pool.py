@@ -45,6 +45,9 @@ class PoolStats:
     unmap_calls: int
     bytes_mapped: int
     bytes_used: int
+    aliases: int = 0  # virtual pages mapped to a physical page that is mapped elsewhere too
+    retained: int = 0  # physical pages held by `retain` (the prefix store), mapped or not
+    peak_pages_mapped: int = 0  # the most physical pages in use at once
 
     @property
     def bytes_wasted(self) -> int:
@@ -57,6 +60,10 @@ class PagePool(ABC):
 
     Pages are created lazily (a page costs memory once first mapped) and kept after unmap, so a
     freed page is reused by the next map without going back to the OS or driver.
+
+    A physical page may be mapped at several virtual pages at once (`map(..., page=p)`: prefix
+    sharing maps one sequence's KV pages into another's range) and held without any mapping
+    (`retain`); it has a reference count and goes back to the free list when that reaches zero.
     """
 
     page_size: int
@@ -67,6 +74,9 @@ class PagePool(ABC):
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out page 0 first
         self._ranges: list[VirtualRange] = []
         self.map_calls = self.unmap_calls = 0
+        self._refs = [0] * num_pages  # mappings + retains of each physical page
+        self._retains = [0] * num_pages  # retains alone
+        self._aliases = self._peak = 0
 
     @property
     def num_free(self) -> int:
@@ -83,19 +93,39 @@ class PagePool(ABC):
         """
 
     @abstractmethod
-    def map(self, vrange: VirtualRange, index: int) -> int:
+    def map(self, vrange: VirtualRange, index: int, page: int | None = None) -> int:
         """Map a free physical page at page `index` of `vrange`; returns the physical page id.
+        With `page`, map that page instead, which must be in use (mapped elsewhere or
+        retained): both addresses then show the same bytes (an alias).
 
         The page's contents are whatever its last user left (zeros when never used).
         Raises:
             PoolExhaustedError: no free page (nothing changed).
-            ValueError: `index` is outside the range or already mapped.
+            ValueError: `index` is outside the range or already mapped, or `page` is not in use.
         """
 
     @abstractmethod
     def unmap(self, vrange: VirtualRange, index: int) -> None:
-        """Unmap page `index` of `vrange` and return its physical page to the pool (data kept in
-        the page, so mapping it again elsewhere shows the same bytes). ValueError if not mapped."""
+        """Unmap page `index` of `vrange`; its physical page goes back to the pool once nothing
+        else maps or retains it (data kept in the page, so mapping it again elsewhere shows the
+        same bytes). ValueError if not mapped."""
+
+    def retain(self, page: int) -> None:
+        """Hold a reference on an in-use physical page, so that it outlives its mappings."""
+        if not 0 <= page < self.num_pages or self._refs[page] == 0:
+            raise ValueError(f"physical page {page} is not in use")
+        self._refs[page] += 1
+        self._retains[page] += 1
+
+    def drop(self, page: int) -> None:
+        """Give back a reference taken by `retain`; the page is free once none is left."""
+        if self._retains[page] == 0:
+            raise ValueError(f"physical page {page} is not retained")
+        self._retains[page] -= 1
+        self._unref(page)
+
+    def refcount(self, page: int) -> int:
+        return self._refs[page]
 
     @abstractmethod
     def release(self, vrange: VirtualRange) -> None:
@@ -124,25 +154,49 @@ class PagePool(ABC):
             self.unmap_calls,
             mapped * self.page_size,
             used,
+            self._aliases,
+            sum(1 for n in self._retains if n),
+            self._peak,
         )
 
     # Bookkeeping shared by the backends: they call these around the OS/driver calls.
-    def _take_page(self, vrange: VirtualRange, index: int) -> int:
+    def _take_page(self, vrange: VirtualRange, index: int, page: int | None = None) -> int:
         if not 0 <= index < vrange.nbytes // self.page_size:
             raise ValueError(f"page {index} is outside a range of {vrange.nbytes} bytes")
         if index in vrange.pages:
             raise ValueError(f"page {index} of the range is already mapped")
+        if page is not None:
+            if not 0 <= page < self.num_pages or self._refs[page] == 0:
+                raise ValueError(f"physical page {page} is not in use: nothing to alias")
+            return page
         if not self._free:
             raise PoolExhaustedError(f"all {self.num_pages} pages are mapped")
         return self._free.pop()
 
+    def _map_failed(self, page: int) -> None:
+        """The OS/driver refused to map `page` (taken by _take_page): put a fresh one back."""
+        if self._refs[page] == 0:
+            self._free.append(page)
+
     def _page_mapped(self, vrange: VirtualRange, index: int, page: int) -> None:
         vrange.pages[index] = page
         self.map_calls += 1
+        if self._refs[page]:
+            self._aliases += 1
+        self._refs[page] += 1
+        self._peak = max(self._peak, self.num_pages - len(self._free))
 
     def _page_unmapped(self, vrange: VirtualRange, index: int) -> None:
-        self._free.append(vrange.pages.pop(index))
+        page = vrange.pages.pop(index)
         self.unmap_calls += 1
+        if self._refs[page] > 1:
+            self._aliases = max(0, self._aliases - 1)
+        self._unref(page)
+
+    def _unref(self, page: int) -> None:
+        self._refs[page] -= 1
+        if self._refs[page] == 0:
+            self._free.append(page)
 
 
 def os_page_size() -> int:

@@ -80,8 +80,8 @@ class CpuPagePool(PagePool):
         self._ranges.append(vrange)
         return vrange
 
-    def map(self, vrange: VirtualRange, index: int) -> int:
-        page = self._take_page(vrange, index)
+    def map(self, vrange: VirtualRange, index: int, page: int | None = None) -> int:
+        page = self._take_page(vrange, index, page)
         addr = vrange.address + index * self.page_size
         try:
             got = _mmap(
@@ -93,7 +93,7 @@ class CpuPagePool(PagePool):
                 page * self.page_size,
             )
         except OSError:
-            self._free.append(page)  # ENOMEM here usually means vm.max_map_count was hit
+            self._map_failed(page)  # ENOMEM here usually means vm.max_map_count was hit
             raise
         assert got == addr, "MAP_FIXED returned another address"
         self._page_mapped(vrange, index, page)

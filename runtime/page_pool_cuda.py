@@ -80,8 +80,9 @@ class CudaPagePool(PagePool):
         self._ranges.append(vrange)
         return vrange
 
-    def map(self, vrange: VirtualRange, index: int) -> int:
-        page = self._take_page(vrange, index)
+    def map(self, vrange: VirtualRange, index: int, page: int | None = None) -> int:
+        # an alias (`page` given) maps the same allocation handle at a second address
+        page = self._take_page(vrange, index, page)
         addr = vrange.address + index * self.page_size
         try:
             if page not in self._handles:
@@ -89,7 +90,7 @@ class CudaPagePool(PagePool):
             _check(cu.cuMemMap(addr, self.page_size, 0, self._handles[page], 0))
             _check(cu.cuMemSetAccess(addr, self.page_size, [self._access], 1))
         except RuntimeError:
-            self._free.append(page)
+            self._map_failed(page)
             raise
         self._page_mapped(vrange, index, page)
         return page

@@ -22,6 +22,7 @@ would win that back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -90,12 +91,35 @@ def _plan(g: KVGeometry, layout: str, page_size: int) -> _Plan:
     raise ConfigError(f"unknown KV layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
 
 
+@dataclass(frozen=True)
+class SharedPrefix:
+    """The first `num_tokens` positions of another sequence's KV, as its physical pages per
+    region (the pages covering those positions; the last may hold them only in part)."""
+
+    num_tokens: int
+    pages: list[list[int]]
+
+    def num_full(self, cache: PagedKVCache) -> int:
+        """Pages wholly inside the prefix, over all regions: mapped as they are (aliased)."""
+        return cache.plan.regions * (self.num_tokens * cache.plan.row_bytes // cache.pool.page_size)
+
+    def num_partial(self, cache: PagedKVCache) -> int:
+        """Pages holding the prefix's end in part, over all regions: copied."""
+        return cache.pages_for(self.num_tokens) - self.num_full(cache)
+
+
 class PagedKVCache(KVCache):
     """Slots as contiguous virtual regions; pages mapped on `allocate`/`grow`, unmapped on `free`.
 
     Owns one reservation of `pool` (released by `close()`); the pool owns the pages. Memory never
     holding a sequence's positions [0, n) is unmapped: only attention's own-length reads are safe.
+
+    `allocate(n, prefix)` maps another sequence's pages for a shared prefix (prefix_cache.py);
+    `reclaim(num_pages)`, when set, is asked to free pages (drop stored prefixes) before an
+    allocation or growth is refused.
     """
+
+    reclaim: Callable[[int], None] | None = None
 
     def __init__(self, pool: PagePool, geometry: KVGeometry, layout: str = "token_major"):
         self.pool, self.geometry, self.layout = pool, geometry, layout
@@ -112,33 +136,106 @@ class PagedKVCache(KVCache):
         self.tensor = flat.as_strided(shape, self.plan.strides)
         self._free = list(range(g.num_slots - 1, -1, -1))  # pop() hands out slot 0 first
         self._lens: dict[int, int] = {}  # live slot -> positions it may write
+        self._flat = flat.view(torch.uint8)
+        self._scratch = None  # a one-page range: where a retained page is mapped to be copied
 
     def pages_for(self, num_tokens: int) -> int:
         """Pages a sequence of `num_tokens` positions holds, over all its regions."""
         per_region = -(-num_tokens * self.plan.row_bytes // self.pool.page_size)
         return per_region * self.plan.regions
 
-    def can_allocate(self, num_tokens: int) -> bool:
+    def can_allocate(self, num_tokens: int, shared: SharedPrefix | None = None) -> bool:
         # Keep one page per region of every live sequence free, so that admitting a sequence does
         # not force the next decode step to preempt it again (vLLM's watermark, sized by need).
+        if not self._free or num_tokens > self.max_len:
+            return False
         headroom = len(self._lens) * self.plan.regions
-        return (
-            bool(self._free)
-            and num_tokens <= self.max_len
-            and self.pages_for(num_tokens) + headroom <= self.pool.num_free
-        )
+        need = self.pages_for(num_tokens) - (shared.num_full(self) if shared else 0) + headroom
+        return self._room(need)
 
-    def allocate(self, num_tokens: int) -> int:
-        if not self._free or not self.grow(self._free[-1], num_tokens):
+    def _room(self, num_pages: int) -> bool:
+        """Whether `num_pages` pages are free, after asking `reclaim` for the shortfall."""
+        if num_pages > self.pool.num_free and self.reclaim is not None:
+            self.reclaim(num_pages - self.pool.num_free)
+        return num_pages <= self.pool.num_free
+
+    def allocate(self, num_tokens: int, prefix: SharedPrefix | None = None) -> int:
+        """A slot whose positions [0, num_tokens) are mapped; with `prefix`, its first
+        `prefix.num_tokens` positions already hold that prefix's KV (shared pages, and a copy of
+        the page where the prefix ends)."""
+        if not self._free:
+            raise RuntimeError("KV cache has no free slot")
+        slot = self._free[-1]
+        if prefix is not None:
+            self._map_prefix(slot, prefix)
+        if not self.grow(slot, max(num_tokens, prefix.num_tokens if prefix else 0)):
+            if slot in self._lens:
+                self._unmap_all(slot)
             raise RuntimeError(f"KV cache cannot take a sequence of {num_tokens} tokens now")
         return self._free.pop()
+
+    def slot_pages(self, slot: int, num_tokens: int) -> list[list[int]]:
+        """The physical pages holding positions [0, num_tokens) of `slot`, per region."""
+        per_region = self.pages_for(num_tokens) // self.plan.regions
+        out = []
+        for offset in self.plan.offsets(slot, self.num_slots):
+            base = offset // self.pool.page_size
+            out.append([self.vrange.pages[base + i] for i in range(per_region)])
+        return out
+
+    def _map_prefix(self, slot: int, prefix: SharedPrefix) -> None:
+        """Alias the prefix's whole pages into the empty `slot`; copy its last, partial page."""
+        page, end = self.pool.page_size, prefix.num_tokens * self.plan.row_bytes
+        full, tail = divmod(end, page)
+        offsets = self.plan.offsets(slot, self.num_slots)
+        for offset, pages in zip(offsets, prefix.pages, strict=True):
+            base = offset // page
+            for i in range(full):
+                self.pool.map(self.vrange, base + i, page=pages[i])
+        if not tail:
+            self._lens[slot] = prefix.num_tokens
+            self._account()
+            return
+        sources = [pages[full] for pages in prefix.pages]
+        for src in sources:  # held while the copies take fresh pages (reclaim may run)
+            self.pool.retain(src)
+        try:
+            if not self._room(self.plan.regions):
+                raise RuntimeError("KV cache has no free page for the shared prefix's last page")
+            if self._scratch is None:
+                self._scratch = self.pool.reserve(page)
+            scratch = self.pool.tensor(self._scratch, torch.uint8)
+            for offset, src in zip(self.plan.offsets(slot, self.num_slots), sources, strict=True):
+                at = offset // page + full
+                self.pool.map(self.vrange, at, page=None)
+                self.pool.map(self._scratch, 0, page=src)
+                self._flat[at * page : at * page + tail].copy_(scratch[:tail])
+                self.pool.unmap(self._scratch, 0)
+        except Exception:
+            self._unmap_all(slot)
+            raise
+        finally:
+            for src in sources:
+                self.pool.drop(src)
+        self._lens[slot] = prefix.num_tokens
+        self._account()
+
+    def _unmap_all(self, slot: int) -> None:
+        """Unmap whatever `slot` has mapped (an allocation that failed half-way)."""
+        for offset in self.plan.offsets(slot, self.num_slots):
+            base = offset // self.pool.page_size
+            for i in range(self.plan.region_bytes // self.pool.page_size):
+                if base + i in self.vrange.pages:
+                    self.pool.unmap(self.vrange, base + i)
+        self._lens.pop(slot, None)
+        self._account()
 
     def grow(self, slot: int, num_tokens: int) -> bool:
         if num_tokens > self.max_len:
             return False
         have = self._lens.get(slot, 0)
         first, last = self.pages_for(have), self.pages_for(num_tokens)
-        if last - first > self.pool.num_free:
+        if last > first and not self._room(last - first):
             return False
         per_region = last // self.plan.regions
         for offset in self.plan.offsets(slot, self.num_slots):
@@ -170,7 +267,9 @@ class PagedKVCache(KVCache):
 
     def close(self) -> None:
         """Release the reservation; `tensor` must not be used afterwards."""
-        del self.tensor
+        del self.tensor, self._flat
+        if self._scratch is not None:
+            self.pool.release(self._scratch)
         self.pool.release(self.vrange)
 
 

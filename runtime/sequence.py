@@ -29,6 +29,8 @@ class Sequence:
     status: Status = Status.WAITING
     slot: int = -1
     num_cached: int = 0  # tokens whose K/V are in the cache
+    num_scheduled: int | None = None  # tokens the current step computes (None: all pending)
+    block_hashes: list[int] = field(default_factory=list)  # prefix_cache.chain_hashes, cached
     finish_reason: str | None = None
     error: str | None = None  # set with finish_reason "error": why this sequence failed
 
@@ -47,3 +49,12 @@ class Sequence:
     def pending_ids(self) -> list[int]:
         """Tokens not yet in the KV cache: the prompt at prefill, the last sampled token after."""
         return self.all_ids[self.num_cached :]
+
+    def step_ids(self) -> list[int]:
+        """The tokens this step computes: the scheduled chunk of the pending ones."""
+        pending = self.pending_ids()
+        return pending if self.num_scheduled is None else pending[: self.num_scheduled]
+
+    @property
+    def num_pending(self) -> int:
+        return self.num_tokens - self.num_cached

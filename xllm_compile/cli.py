@@ -176,6 +176,22 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
         "time (default: on with cuda_graph and cpu_graph when the artifact has arena plans)",
     )
     p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        dest="max_num_batched_tokens",
+        help="tokens in one step, decodes and prefill chunks together: a longer prompt is "
+        "prefilled in chunks (default and most: the artifact's --max-num-tokens)",
+    )
+    p.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        dest="prefix_caching",
+        help="share the KV pages of prompt prefixes already computed (default: on with the "
+        "paged KV cache of a one-rank artifact)",
+    )
+    p.add_argument(
         "--trust",
         default=None,
         metavar="KEYS",
@@ -206,6 +222,8 @@ def _load(args: argparse.Namespace, **extra):
         arena=args.arena,
         trust=args.trust,
         tp_timeout_s=args.tp_timeout_s,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        prefix_caching=args.prefix_caching,
         **extra,
     )
     return load(args.artifact, config)

@@ -56,8 +56,12 @@ def step(sched: Scheduler) -> list[Sequence]:
 
 
 def step_batch(sched: Scheduler, batch) -> list[Sequence]:
+    """As Engine.step: each computes its scheduled tokens; one whose prompt is all computed
+    samples."""
     for s in batch.seqs:
-        s.num_cached = s.num_tokens
+        s.num_cached += s.num_scheduled
+        if s.num_cached < s.num_tokens:
+            continue  # a chunk of its prompt: nothing sampled yet
         s.output_ids.append(7)
         if len(s.output_ids) >= s.params.max_tokens:
             sched.finish(s, "length")
@@ -91,13 +95,36 @@ def test_a_lone_sequence_that_cannot_grow_preempts_itself_and_comes_back():
     assert step(sched) == [a]  # recomputed
 
 
-def test_a_recompute_longer_than_the_token_budget_runs_alone():
+def test_a_recompute_longer_than_the_token_budget_is_prefilled_in_chunks():
     sched = Scheduler(CountedPages(2, 64, num_pages=16), max_num_seqs=2, max_num_tokens=10)
     long, short = seq(9), seq(3)
     long.output_ids = [7, 7, 7]  # 12 tokens: preempted after generating, over the budget of 10
     sched.add(long), sched.add(short)
-    assert step(sched) == [long]  # the oversized recompute goes first, alone
-    assert step(sched) == [short]
+    assert step(sched) == [long] and long.num_cached == 10  # the budget's first chunk
+    assert len(long.output_ids) == 3  # a chunk samples nothing
+    batch = sched.schedule()
+    assert batch.seqs == [long, short] and [s.num_scheduled for s in batch.seqs] == [2, 3]
+    step_batch(sched, batch)
+    assert len(long.output_ids) == 4 and short.output_ids == [7]
+
+
+def test_decodes_go_first_and_a_long_prompt_takes_what_is_left_of_the_budget():
+    sched = Scheduler(CountedPages(9, 4096, num_pages=4096), max_num_seqs=9, max_num_tokens=64)
+    streams = [Sequence([1] * 5, SamplingParams(max_tokens=64)) for _ in range(8)]
+    for s in streams:
+        sched.add(s)
+    step(sched)  # the 8 prompts in one step (40 tokens)
+    long = seq(300)
+    sched.add(long)
+    chunks = []
+    while not long.output_ids:  # until its prompt is all computed
+        batch = sched.schedule()
+        assert batch.num_tokens <= 64
+        assert all(s in batch.seqs and s.num_scheduled == 1 for s in streams)  # never stalled
+        chunks.append(long.num_scheduled)
+        step_batch(sched, batch)
+    assert chunks[0] == 64 - 8 - 0 and sum(chunks) == 300  # 56 a step beside the 8 decodes
+    assert all(c == 56 for c in chunks[:-1])
 
 
 def test_random_workloads_always_finish_with_every_page_back():

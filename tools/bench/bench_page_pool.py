@@ -82,8 +82,8 @@ class CountingPagePool(PagePool):
         self._ranges.append(vrange)
         return vrange
 
-    def map(self, vrange: VirtualRange, index: int) -> int:
-        page = self._take_page(vrange, index)
+    def map(self, vrange: VirtualRange, index: int, page: int | None = None) -> int:
+        page = self._take_page(vrange, index, page)
         self._page_mapped(vrange, index, page)
         return page
 
