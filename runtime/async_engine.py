@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from xllm_compile.errors import RequestError
 from xllm_compile.runtime.engine import Engine
+from xllm_compile.runtime.histogram import ITL_BUCKETS, REQUEST_BUCKETS, TTFT_BUCKETS, Histogram
 from xllm_compile.runtime.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" (eos, stop token or stop string) or "length"
     prompt_tokens: int = 0
     completion_tokens: int = 0  # generated so far, this increment included
+    logprobs: list | None = None  # sampler.TokenLogprob of each of `token_ids`, if asked for
+    prompt_logprobs: list | None = None  # in the first increment, if asked for (echo)
+    prompt_ids: list[int] | None = None  # in the first increment
 
 
 class EngineLoopError(RuntimeError):
@@ -71,6 +75,12 @@ class EngineMetrics:
     generation_tokens: int = 0
     steps: int = 0
     step_errors: int = 0
+    # per-request latencies (seconds), vLLM's histograms: arrival -> first token, between
+    # tokens, arrival -> finish, arrival -> first scheduled
+    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
+    itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))
+    e2e: Histogram = field(default_factory=lambda: Histogram(REQUEST_BUCKETS))
+    queue: Histogram = field(default_factory=lambda: Histogram(REQUEST_BUCKETS))
 
 
 class _Detokenizer:
@@ -101,6 +111,10 @@ class _Request:
         self.sent_chars = self.sent_ids = 0
         self.finish_reason: str | None = None
         self.detok: _Detokenizer | None = None
+        self.sent_first = False  # an output went out (the first carries the prompt's ids)
+        self.arrival = time.monotonic()
+        self.scheduled: float | None = None  # when the step that first ran it began
+        self.last_token: float | None = None  # when its last tokens were seen
 
 
 class AsyncEngine:
@@ -209,9 +223,11 @@ class AsyncEngine:
                     self._fail_all(ShuttingDownError(CUT_MESSAGE))
                 if self._stopped or not scheduler.has_work():
                     continue
+                started = time.monotonic()
                 self.engine.step()
                 self.metrics.steps += 1
                 for req in list(self._active):
+                    self._timings(req, started)
                     self._update(req)
             except Exception as e:  # a bug or a device failure: fail the batch, keep serving
                 log.exception("the engine loop failed; failing %d requests", len(self._active))
@@ -242,6 +258,24 @@ class AsyncEngine:
             self.engine.abort(req.seq)
             self._retire(req, "abort")
 
+    def _timings(self, req: _Request, step_started: float) -> None:
+        """Observe `req`'s queue time, first token and inter-token gaps after a step."""
+        seq, m = req.seq, self.metrics
+        if req.scheduled is None and (seq.num_cached or seq.output_ids or seq.is_finished):
+            req.scheduled = step_started
+            m.queue.observe(step_started - req.arrival)
+        new = len(seq.output_ids) - req.sent_ids
+        if new <= 0:
+            return
+        now = time.monotonic()
+        if req.last_token is None:
+            m.ttft.observe(now - req.arrival)
+        else:
+            gap = (now - req.last_token) / new
+            for _ in range(new):
+                m.itl.observe(gap)
+        req.last_token = now
+
     def _update(self, req: _Request) -> None:
         """Send what `req` gained in the last step; cut and abort it at a stop string."""
         seq, tokenizer = req.seq, self.engine.tokenizer
@@ -267,23 +301,30 @@ class AsyncEngine:
             self.engine.abort(seq)
         # hold back a tail that may yet become a stop string; it is sent if it does not
         end = len(req.text) if reason else len(req.text) - _stop_prefix_len(req.text, req.stop)
+        first = not req.sent_first
         out = RequestOutput(
             req.text[req.sent_chars : end],
             ids[req.sent_ids :],
             reason,
             len(seq.prompt_ids),
             len(ids),
+            seq.logprobs[req.sent_ids : len(ids)] if seq.params.logprobs is not None else None,
+            seq.prompt_logprobs if first and seq.params.prompt_logprobs is not None else None,
+            seq.prompt_ids if first else None,
         )
         self.metrics.generation_tokens += len(out.token_ids)
         req.sent_chars, req.sent_ids = max(req.sent_chars, end), len(ids)
         if reason:  # counted before the caller hears of it, so /metrics is never behind
             self._retire(req, reason)
         if out.text or out.token_ids or reason:
+            req.sent_first = True
             req.emit(out)
 
     def _retire(self, req: _Request, reason: str) -> None:
         self._active.remove(req)
         self.metrics.requests_finished[reason] += 1
+        if reason not in ("abort", "error"):
+            self.metrics.e2e.observe(time.monotonic() - req.arrival)
 
     def _fail_all(self, error: Exception) -> None:
         for req in list(self._active):

@@ -12,7 +12,13 @@ import torch
 from xllm_compile.errors import ConfigError, RequestError, XllmError
 from xllm_compile.runtime.kv_cache import KVCache
 from xllm_compile.runtime.model_runner import ModelRunner
-from xllm_compile.runtime.sampler import SamplingParams, make_generator, sample
+from xllm_compile.runtime.sampler import (
+    SamplingParams,
+    TokenLogprob,
+    make_generator,
+    sample,
+    token_logprobs,
+)
 from xllm_compile.runtime.scheduler import Scheduler
 from xllm_compile.runtime.sequence import Sequence, Status
 from xllm_compile.runtime.tokenizer import Tokenizer
@@ -159,10 +165,18 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch.seqs:  # every running sequence was preempted: nothing to run this step
             return
-        seqs, logits = self._forward(batch.seqs)
+        # echo's prompt logprobs need every prompt token's logits: that step returns all rows
+        every = any(
+            s.params.prompt_logprobs is not None and s.num_cached < len(s.prompt_ids)
+            for s in batch.seqs
+        )
+        before = {s.seq_id: (s.num_cached, len(s.step_ids())) for s in batch.seqs}
+        seqs, logits = self._forward(batch.seqs, every)
         if not seqs:
             return
         self.scheduler.stepped(seqs)
+        if every:
+            logits = self._prompt_logprobs(seqs, logits, before)
         # a sequence whose prompt is not all computed yet (a chunk of it ran) samples nothing
         ready = [i for i, s in enumerate(seqs) if s.num_cached == s.num_tokens]
         if len(ready) < len(seqs):
@@ -176,6 +190,7 @@ class Engine:
             [s.generator for s in seqs],
             [(s.prompt_ids, s.output_ids) for s in seqs],
         )
+        self._logprobs(seqs, logits, tokens)
         for seq, token in zip(seqs, tokens, strict=True):
             if isinstance(token, Exception):
                 self._fail(seq, f"sampling failed: {type(token).__name__}: {token}")
@@ -185,12 +200,51 @@ class Engine:
             if reason:
                 self.scheduler.finish(seq, reason)
 
-    def _forward(self, seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Logits for `seqs`. When the batch fails, each sequence runs alone (a failed step
-        marks nothing cached, and rewriting a KV row writes the same values), so only the
-        ones that fail alone fail, with their error; the rest go on with their own logits."""
+    @staticmethod
+    def _logprobs(seqs: list[Sequence], logits: torch.Tensor, tokens: list) -> None:
+        """Each sampled token's logprob (and top ones) for the sequences that asked."""
+        rows = [
+            i
+            for i, (s, t) in enumerate(zip(seqs, tokens, strict=True))
+            if s.params.logprobs is not None and not isinstance(t, Exception)
+        ]
+        if not rows:
+            return
+        top = max(seqs[i].params.logprobs for i in rows)
+        found = token_logprobs(logits[rows], [tokens[i] for i in rows], top)
+        for i, lp in zip(rows, found, strict=True):
+            k = seqs[i].params.logprobs
+            seqs[i].logprobs.append(TokenLogprob(lp.token, lp.logprob, lp.top[:k]))
+
+    @staticmethod
+    def _prompt_logprobs(seqs: list[Sequence], logits: torch.Tensor, before: dict) -> torch.Tensor:
+        """From a step's every-token logits: the prompt logprobs of the sequences that asked
+        (token p's from the row of token p - 1), and the rows of each sequence's last token."""
+        ends, start = [], 0
+        for seq in seqs:
+            first, n = before[seq.seq_id]
+            top = seq.params.prompt_logprobs
+            if top is not None:
+                if first == 0:
+                    seq.prompt_logprobs = [None]
+                targets = [p for p in range(first + 1, first + n + 1) if p < len(seq.prompt_ids)]
+                if targets:
+                    rows = logits[start : start + len(targets)]
+                    ids = [seq.prompt_ids[p] for p in targets]
+                    seq.prompt_logprobs += token_logprobs(rows, ids, top)
+            start += n
+            ends.append(start - 1)
+        return logits[ends]
+
+    def _forward(
+        self, seqs: list[Sequence], all_logits: bool = False
+    ) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Logits for `seqs` (their last tokens', or every token's). When the batch fails, each
+        sequence runs alone (a failed step marks nothing cached, and rewriting a KV row writes
+        the same values), so only the ones that fail alone fail, with their error; the rest go
+        on with their own logits."""
         try:
-            return seqs, self.run_step(seqs)
+            return seqs, self.run_step(seqs, all_logits)
         except Exception as e:
             if len(seqs) == 1:
                 self._fail(seqs[0], f"the step failed: {type(e).__name__}: {e}")
@@ -199,7 +253,7 @@ class Engine:
         ok, rows = [], []
         for seq in seqs:
             try:
-                rows.append(self.run_step([seq]))
+                rows.append(self.run_step([seq], all_logits))
                 ok.append(seq)
             except Exception as e:  # this sequence is the cause (or one of them)
                 self._fail(seq, f"the step failed: {type(e).__name__}: {e}")

@@ -23,6 +23,7 @@ from xllm_compile.errors import RequestError
 # overflows them to inf and the softmax to NaN.
 MIN_TEMPERATURE = 1e-5
 SEED_RANGE = (-(1 << 63), 1 << 64)  # what torch.Generator.manual_seed takes
+MAX_LOGPROBS = 20  # top logprobs a token may ask for (OpenAI's limit)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
+    logprobs: int | None = None  # each sampled token's logprob and this many top ones
+    prompt_logprobs: int | None = None  # the same for every prompt token (completions' echo)
 
     def __post_init__(self) -> None:
         _check_number("temperature", self.temperature, float)
@@ -68,6 +71,12 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_number(name, value, int)
+                if not 0 <= value <= MAX_LOGPROBS:
+                    raise RequestError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
         for token, bias in self.logit_bias:
             _check_number("a logit_bias token id", token, int)
             _check_number("a logit_bias value", bias, float)
@@ -132,6 +141,31 @@ def sample(
         except (RuntimeError, ValueError, IndexError) as e:  # bad probabilities, a bad bias id
             out.append(e)
     return out
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (log_softmax of the program's logits, before
+    any processor or temperature: vLLM's raw logprobs) and the `top` most likely tokens."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """The logprob of `tokens[i]` under row i of `logits` [N, V], with each row's `top` best."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
+    if top:
+        values, ids = lp.topk(top, dim=-1)
+        tops = [
+            tuple(zip(i, v, strict=True))
+            for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+        ]
+    else:
+        tops = [()] * len(tokens)
+    return [TokenLogprob(t, c, k) for t, c, k in zip(tokens, chosen, tops, strict=True)]
 
 
 def process(

@@ -82,7 +82,8 @@ class Scheduler:
         while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             match = shared = None
-            if self.prefix_cache is not None:
+            # (a prompt's logprobs need every prompt token computed: no sharing for echo)
+            if self.prefix_cache is not None and seq.params.prompt_logprobs is None:
                 match = self.prefix_cache.lookup(seq)
                 if match.defer:  # its prefix is being computed right now: share it next step
                     self.prefix_cache.stats.deferred += 1

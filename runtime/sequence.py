@@ -33,6 +33,8 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # prefix_cache.chain_hashes, cached
     finish_reason: str | None = None
     error: str | None = None  # set with finish_reason "error": why this sequence failed
+    logprobs: list = field(default_factory=list)  # sampler.TokenLogprob per output token
+    prompt_logprobs: list = field(default_factory=list)  # per prompt token (None for the first)
 
     @property
     def all_ids(self) -> list[int]:

@@ -9,6 +9,7 @@ missing fields 422, a bad value or prompt (RequestError) 400, an unknown model 4
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import socket
@@ -34,6 +35,7 @@ from xllm_compile.runtime.async_engine import (
     ShuttingDownError,
 )
 from xllm_compile.runtime.engine import Engine
+from xllm_compile.runtime.histogram import Histogram
 from xllm_compile.runtime.http_limits import BodyLimits, header_timeout_protocol
 
 
@@ -99,6 +101,7 @@ class ChatMessage(_Body):
 
 class ChatRequest(_SamplingBody):
     messages: list[ChatMessage]
+    top_logprobs: int | None = None
     max_tokens: int | None = None  # default: until the artifact's max length
     max_completion_tokens: int | None = None
 
@@ -267,10 +270,8 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
                 "invalid_request_error",
                 "model_not_found",
             )
-        if body.n != 1:
-            raise RequestError(f"n must be 1, got {body.n}: send one request per completion")
-        if body.logprobs:
-            raise RequestError("logprobs are not supported")
+        if not 1 <= body.n <= MAX_PROMPTS:
+            raise RequestError(f"n must be in [1, {MAX_PROMPTS}], got {body.n}")
 
     def given(value, key: str, default):
         """The request's value, else the model's generation_config.json's, else `default`."""
@@ -295,6 +296,29 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         )
         return kwargs, tuple(s for s in stop if isinstance(s, str))
 
+    async def submit_all(prompts: list, n: int, stop: tuple[str, ...], kwargs: dict) -> list:
+        """The sequences of every prompt, n each (choice index = prompt * n + j). With a seed,
+        completion j of a prompt samples with seed + j: n distinct and reproducible choices.
+        Every one is checked before any is scheduled: a bad one leaves nothing running."""
+        if len(prompts) * n > MAX_PROMPTS:
+            raise RequestError(
+                f"at most {MAX_PROMPTS} completions in one request (prompts x n), "
+                f"got {len(prompts) * n}"
+            )
+        seqs = []
+        for p in prompts:
+            # tokenizing a long prompt takes a while: off the event loop, which serves everyone
+            first = await asyncio.to_thread(engine.submit, p, stop, **kwargs)
+            seqs.append(first)
+            for j in range(1, n):
+                seed = None if kwargs["seed"] is None else (kwargs["seed"] + j) % (1 << 64)
+                seqs.append(engine.submit(first.prompt_ids, stop, **{**kwargs, "seed": seed}))
+        return seqs
+
+    def token_text(token: int) -> str:
+        tokenizer = engine.engine.tokenizer
+        return f"token_id:{token}" if tokenizer is None else tokenizer.decode([token])
+
     @app.get("/health")
     async def health() -> JSONResponse:
         if not engine.is_alive:
@@ -311,14 +335,15 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(
-            render_metrics(engine), media_type="text/plain; version=0.0.4; charset=utf-8"
+            render_metrics(engine, model_name),
+            media_type="text/plain; version=0.0.4; charset=utf-8",
         )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check(body)
-        if body.echo:
-            raise RequestError("echo is not supported")
+        if isinstance(body.logprobs, bool):
+            raise RequestError("completions take logprobs as an integer (top tokens per token)")
         prompts = body.prompt
         if not (prompts and isinstance(prompts[0], (str, list)) and not isinstance(prompts, str)):
             prompts = [prompts]  # one prompt: text or token ids
@@ -326,32 +351,39 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             raise RequestError(f"at most {MAX_PROMPTS} prompts in one request, got {len(prompts)}")
         kwargs, stop = sampling(body, body.max_tokens)
         kwargs["strict_length"] = "max_tokens" in body.model_fields_set
-        # tokenizing a long prompt takes a while: off the event loop, which serves everyone.
-        # Every prompt is checked before any is scheduled: a bad one leaves nothing running.
-        seqs = [await asyncio.to_thread(engine.submit, p, stop, **kwargs) for p in prompts]
+        kwargs["logprobs"] = body.logprobs
+        if body.echo and body.logprobs is not None:
+            kwargs["prompt_logprobs"] = body.logprobs
+        seqs = await submit_all(prompts, body.n, stop, kwargs)
         metrics.requests_total += 1
         head = _Head(f"cmpl-{uuid.uuid4().hex}", "text_completion", model_name)
         streams = [engine.stream(seq, stop) for seq in seqs]
         request.state.usage = {}  # for the access log, filled as the request ends
+        fmt = _CompletionLogprobs(token_text) if body.logprobs is not None else None
+        echo = _Echo(engine.engine.tokenizer, body.echo)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = _completion_chunks(_merged(streams), head, include_usage, request.state.usage)
+            chunks = _completion_chunks(
+                _merged(streams), head, include_usage, request.state.usage, fmt, echo, body.n
+            )
             return _sse(chunks)
         done = await _collect_all(streams, request)
         if done is None:
             return _client_gone()
-        choices = [
-            {
-                "index": i,
-                "text": out.text,
-                "logprobs": None,
-                "finish_reason": out.finish_reason,
-                "token_ids": out.token_ids,
-            }
-            for i, out in enumerate(done)
-        ]
-        request.state.usage.update(_usage(*done))
-        return {**head.fields(), "choices": choices, "usage": _usage(*done)}
+        choices = []
+        for i, out in enumerate(done):
+            text, out = echo.apply(out)
+            choices.append(
+                {
+                    "index": i,
+                    "text": text,
+                    "logprobs": fmt.render(out) if fmt else None,
+                    "finish_reason": out.finish_reason,
+                    "token_ids": out.token_ids,
+                }
+            )
+        request.state.usage.update(_usage(*done, n=body.n))
+        return {**head.fields(), "choices": choices, "usage": _usage(*done, n=body.n)}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -361,6 +393,10 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             raise RequestError("chat needs a tokenizer, and this artifact has none")
         if not body.messages:
             raise RequestError("messages must not be empty")
+        if body.logprobs is not None and not isinstance(body.logprobs, bool):
+            raise RequestError("chat takes logprobs as a boolean (and top_logprobs: a count)")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise RequestError("top_logprobs needs logprobs: true")
         messages = [{"role": m.role, "content": _content_text(m)} for m in body.messages]
         prompt = await asyncio.to_thread(tokenizer.apply_chat_template, messages)  # or a 400
         max_tokens = body.max_tokens
@@ -368,25 +404,34 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             max_tokens = body.max_completion_tokens
         kwargs, stop = sampling(body, max_tokens)
         kwargs["strict_length"] = max_tokens is not None  # default: up to the artifact's length
-        seq = await asyncio.to_thread(engine.submit, prompt, stop, **kwargs)
+        if body.logprobs:
+            kwargs["logprobs"] = body.top_logprobs or 0
+        seqs = await submit_all([prompt], body.n, stop, kwargs)
         metrics.requests_total += 1
         head = _Head(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", model_name)
         request.state.usage = {}  # for the access log, filled as the request ends
+        fmt = _ChatLogprobs(token_text) if body.logprobs else None
+        streams = [engine.stream(seq, stop) for seq in seqs]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            outputs = engine.stream(seq, stop)
-            return _sse(_chat_chunks(outputs, head, include_usage, request.state.usage))
-        done = await _collect(engine.stream(seq, stop), request)
+            chunks = _chat_chunks(
+                _merged(streams), len(seqs), head, include_usage, request.state.usage, fmt
+            )
+            return _sse(chunks)
+        done = await _collect_all(streams, request)
         if done is None:
             return _client_gone()
-        request.state.usage.update(_usage(done))
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": done.text},
-            "logprobs": None,
-            "finish_reason": done.finish_reason,
-        }
-        return {**head.fields(), "choices": [choice], "usage": _usage(done)}
+        request.state.usage.update(_usage(*done, n=body.n))
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": out.text},
+                "logprobs": fmt.render(out) if fmt else None,
+                "finish_reason": out.finish_reason,
+            }
+            for i, out in enumerate(done)
+        ]
+        return {**head.fields(), "choices": choices, "usage": _usage(*done, n=body.n)}
 
     return app
 
@@ -453,12 +498,96 @@ async def _collect(outputs: AsyncIterator[RequestOutput], request: Request) -> R
 
 
 async def _whole(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
-    text, ids, last = [], [], None
+    text, ids, logprobs, first, last = [], [], [], None, None
     async for out in outputs:
         text.append(out.text)
         ids.extend(out.token_ids)
-        last = out
-    return RequestOutput("".join(text), ids, last.finish_reason, last.prompt_tokens, len(ids))
+        logprobs.extend(out.logprobs or [])
+        first, last = first or out, out
+    return RequestOutput(
+        "".join(text),
+        ids,
+        last.finish_reason,
+        last.prompt_tokens,
+        len(ids),
+        logprobs if first.logprobs is not None else None,
+        first.prompt_logprobs,
+        first.prompt_ids,
+    )
+
+
+class _Echo:
+    """completions' echo: the prompt's text before the completion's (and its tokens' logprobs
+    before the completion's, when logprobs were asked for)."""
+
+    def __init__(self, tokenizer, on: bool) -> None:
+        self.tokenizer, self.on = tokenizer, on
+
+    def apply(self, out: RequestOutput) -> tuple[str, RequestOutput]:
+        """The text to send for `out`, and `out` with the prompt's logprobs in front of its
+        own when it is the first increment of an echoed request."""
+        if not self.on or out.prompt_ids is None:
+            return out.text, out
+        prompt = self.tokenizer.decode(out.prompt_ids) if self.tokenizer else ""
+        if out.logprobs is not None and out.prompt_logprobs is not None:
+            out = dataclasses.replace(
+                out,
+                logprobs=list(out.prompt_logprobs) + list(out.logprobs),
+                token_ids=list(out.token_ids),
+            )
+        return prompt + out.text, out
+
+
+class _CompletionLogprobs:
+    """The completions API's logprobs object: tokens, token_logprobs, top_logprobs,
+    text_offset (the echoed prompt's first token has none: null)."""
+
+    def __init__(self, token_text) -> None:
+        self.token_text = token_text
+        self.offset = {}  # choice index -> characters so far (text_offset across chunks)
+
+    def render(self, out: RequestOutput, index: int = 0) -> dict:
+        tokens, lps, tops, offsets = [], [], [], []
+        at = self.offset.get(index, 0)
+        for i, lp in enumerate(out.logprobs or []):
+            if lp is None:  # the prompt's first token: nothing before it to predict it
+                token = self.token_text(out.prompt_ids[0]) if out.prompt_ids else ""
+                tokens.append(token), lps.append(None), tops.append(None)
+            else:
+                token = self.token_text(lp.token)
+                tokens.append(token)
+                lps.append(lp.logprob)
+                tops.append({self.token_text(t): v for t, v in lp.top})
+            offsets.append(at)
+            at += len(tokens[i])
+        self.offset[index] = at
+        return {
+            "tokens": tokens,
+            "token_logprobs": lps,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+
+class _ChatLogprobs:
+    """The chat API's logprobs object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+
+    def __init__(self, token_text) -> None:
+        self.token_text = token_text
+
+    def _one(self, token: int, logprob: float) -> dict:
+        text = self.token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def render(self, out: RequestOutput, index: int = 0) -> dict:
+        content = [
+            {
+                **self._one(lp.token, lp.logprob),
+                "top_logprobs": [self._one(t, v) for t, v in lp.top],
+            }
+            for lp in out.logprobs or []
+        ]
+        return {"content": content}
 
 
 async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple]:
@@ -509,46 +638,64 @@ async def _completion_chunks(
     head: _Head,
     include_usage: bool,
     usage: dict,
+    fmt: _CompletionLogprobs | None = None,
+    echo: _Echo | None = None,
+    n: int = 1,
 ) -> AsyncIterator[dict]:
     """The chunks of a streamed completion; `usage` gets the token counts at the end."""
     last: dict[int, RequestOutput] = {}
     async for i, out in outputs:
+        text, out = echo.apply(out) if echo else (out.text, out)
         choice = {
             "index": i,
-            "text": out.text,
-            "logprobs": None,
+            "text": text,
+            "logprobs": fmt.render(out, i) if fmt else None,
             "finish_reason": out.finish_reason,
             "token_ids": out.token_ids,
         }
         yield {**head.fields(), "choices": [choice]}
         last[i] = out
-    usage.update(_usage(*last.values()) if last else {})
+    totals = _usage(*(last[i] for i in sorted(last)), n=n) if last else {}
+    usage.update(totals)
     if include_usage and last:
-        yield {**head.fields(), "choices": [], "usage": _usage(*last.values())}
+        yield {**head.fields(), "choices": [], "usage": totals}
 
 
 async def _chat_chunks(
-    outputs: AsyncIterator[RequestOutput], head: _Head, include_usage: bool, usage: dict
+    outputs: AsyncIterator[tuple[int, RequestOutput]],
+    n: int,
+    head: _Head,
+    include_usage: bool,
+    usage: dict,
+    fmt: _ChatLogprobs | None = None,
 ) -> AsyncIterator[dict]:
-    """The chunks of a streamed chat completion; `usage` gets the token counts at the end."""
+    """The chunks of a streamed chat completion (n choices, each opened by a role delta);
+    `usage` gets the token counts at the end."""
     kind = "chat.completion.chunk"
-    first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-    yield {**head.fields(kind), "choices": [first]}
-    last = None
-    async for out in outputs:
+    for i in range(n):
+        first = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        yield {**head.fields(kind), "choices": [first]}
+    last: dict[int, RequestOutput] = {}
+    async for i, out in outputs:
         delta = {"content": out.text} if out.text else {}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": out.finish_reason}
+        choice = {
+            "index": i,
+            "delta": delta,
+            "logprobs": fmt.render(out) if fmt else None,
+            "finish_reason": out.finish_reason,
+        }
         yield {**head.fields(kind), "choices": [choice]}
-        last = out
-    if last is not None:
-        usage.update(_usage(last))
-    if include_usage and last is not None:
-        yield {**head.fields(kind), "choices": [], "usage": _usage(last)}
+        last[i] = out
+    totals = _usage(*(last[i] for i in sorted(last)), n=n) if last else {}
+    usage.update(totals)
+    if include_usage and last:
+        yield {**head.fields(kind), "choices": [], "usage": totals}
 
 
-def _usage(*outs: RequestOutput) -> dict:
-    """Token counts over a request's sequences (one per prompt)."""
-    prompt = sum(o.prompt_tokens for o in outs)
+def _usage(*outs: RequestOutput, n: int = 1) -> dict:
+    """Token counts over a request's sequences in choice order (n per prompt, which counts
+    once)."""
+    prompt = sum(o.prompt_tokens for o in outs[::n])
     completion = sum(o.completion_tokens for o in outs)
     return {
         "prompt_tokens": prompt,
@@ -560,8 +707,10 @@ def _usage(*outs: RequestOutput) -> dict:
 # -- metrics --
 
 
-def render_metrics(engine: AsyncEngine) -> str:
-    """Prometheus text format (version 0.0.4) of the engine's counters and gauges."""
+def render_metrics(engine: AsyncEngine, model_name: str = "default") -> str:
+    """Prometheus text format (version 0.0.4) of the engine's counters, gauges and histograms:
+    ours as xllm_*, and the latency histograms and prefix-cache counters under vLLM's names
+    (vllm:*, labelled model_name) so its dashboards work."""
     m, eng = engine.metrics, engine.engine
     lines: list[str] = []
 
@@ -590,7 +739,23 @@ def render_metrics(engine: AsyncEngine) -> str:
     if pool is not None:
         add("kv_pages", "gauge", "Physical KV pages in the pool.", pool.num_pages)
         add("kv_pages_free", "gauge", "Physical KV pages free.", pool.num_free)
+        held = pool.stats().retained
+        add("kv_pages_retained", "gauge", "KV pages held by the prefix store.", held)
         add("kv_page_bytes", "gauge", "Bytes per KV page.", pool.page_size)
+    prefix = eng.prefix_cache
+    if prefix is not None:
+        p = prefix.stats
+        add(
+            "prefix_cache_requests_hit_total",
+            "counter",
+            "Requests reusing a prefix.",
+            p.requests_hit,
+        )
+        add("prefix_cache_pages_shared_total", "counter", "KV pages aliased.", p.pages_shared)
+        add("prefix_cache_pages_copied_total", "counter", "Partial pages copied.", p.pages_copied)
+        add("prefix_cache_deferred_total", "counter", "Admissions deferred.", p.deferred)
+        add("prefix_cache_evictions_total", "counter", "Stored prefixes evicted.", p.evictions)
+        add("prefix_cache_stored", "gauge", "Finished sequences' prefixes kept.", p.stored)
     cache = eng.runner
     if cache.bucketed:
         s = cache.stats
@@ -603,7 +768,28 @@ def render_metrics(engine: AsyncEngine) -> str:
         add("graph_cache_bytes", "gauge", "Memory held by the graphs.", cache.nbytes)
         add("graph_cache_arena_bytes", "gauge", "Activation arena mapped.", cache.arena_bytes)
         add("graph_cache_unbucketed_total", "counter", "Steps no bucket held.", s.unbucketed)
+    label = f'model_name="{_label(model_name)}"'
+
+    def vllm(name: str, kind: str, help_: str, value) -> None:
+        lines.extend([f"# HELP vllm:{name} {help_}", f"# TYPE vllm:{name} {kind}"])
+        if isinstance(value, Histogram):
+            lines.extend(value.lines(f"vllm:{name}", label))
+        else:
+            lines.append(f"vllm:{name}{{{label}}} {_number(value)}")
+
+    vllm("time_to_first_token_seconds", "histogram", "Time to first token.", m.ttft)
+    vllm("inter_token_latency_seconds", "histogram", "Time between tokens.", m.itl)
+    vllm("e2e_request_latency_seconds", "histogram", "Arrival to finish.", m.e2e)
+    vllm("request_queue_time_seconds", "histogram", "Arrival to first scheduled.", m.queue)
+    if prefix is not None:
+        queries, hits = prefix.stats.queries, prefix.stats.hits
+        vllm("prefix_cache_queries_total", "counter", "Prompt tokens looked up.", queries)
+        vllm("prefix_cache_hits_total", "counter", "Prompt tokens reused.", hits)
     return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _number(v: float) -> str:

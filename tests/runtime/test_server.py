@@ -342,7 +342,22 @@ BAD_INPUT = [
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop strings"),
-    ("/v1/completions", {"prompt": "x", "n": 3}, 400, "n must be 1"),
+    ("/v1/completions", {"prompt": "x", "n": 65}, 400, "n must be in [1, 64]"),
+    ("/v1/completions", {"prompt": ["x", "y"], "n": 40}, 400, "at most 64 completions"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs must be in [0, 20]"),
+    ("/v1/completions", {"prompt": "x", "logprobs": True}, 400, "logprobs as an integer"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "logprobs": 3},
+        400,
+        "logprobs as a boolean",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3},
+        400,
+        "top_logprobs needs logprobs",
+    ),
     ("/v1/completions", {"prompt": [5] * 10, "max_tokens": 503}, 400, "513 (10 in the prompt"),
     (
         "/v1/chat/completions",
@@ -421,7 +436,8 @@ def test_metrics_counters_move(client):
     assert after["xllm_generation_tokens_total"] == before["xllm_generation_tokens_total"] + 9
     length = 'xllm_requests_finished_total{finish_reason="length"}'
     assert after[length] == before.get(length, 0) + 1
-    assert after["xllm_kv_pages_free"] == after["xllm_kv_pages"]  # every page back in the pool
+    # every page back in the pool, or held by the prefix store until memory is needed
+    assert after["xllm_kv_pages_free"] + after["xllm_kv_pages_retained"] == after["xllm_kv_pages"]
 
 
 def test_client_disconnect_mid_stream_aborts_the_sequence(client):
