@@ -164,6 +164,12 @@ class Engine:
     def step(self) -> None:
         batch = self.scheduler.schedule()
         if not batch.seqs:  # every running sequence was preempted: nothing to run this step
+            sched = self.scheduler
+            if not sched.running and sched.waiting:  # and the next one cannot be admitted alone
+                seq = sched.waiting.popleft()
+                seq.error = "the KV cache cannot hold this sequence; raise --kv-memory"
+                seq.status, seq.finish_reason = Status.FINISHED, "error"
+                log.warning("sequence %d failed: %s", seq.seq_id, seq.error)
             return
         # echo's prompt logprobs need every prompt token's logits: that step returns all rows
         every = any(

@@ -415,7 +415,7 @@ def test_bad_requests_among_good_concurrent_ones(server, ref):
             for (prompt, n), (path, bad, _, _) in zip(good, BAD_INPUT[::6][:4], strict=True):
                 body = {"prompt": prompt, "max_tokens": n, "ignore_eos": True, **GREEDY}
                 jobs += [ac.post("/v1/completions", json=body), send(ac, path, bad)]
-                jobs.append(ac.post("/v1/completions", json={**body, "stream": True, "n": 2}))
+                jobs.append(ac.post("/v1/completions", json={**body, "stream": True, "n": 65}))
             return await asyncio.gather(*jobs)
 
     responses = asyncio.run(run())
