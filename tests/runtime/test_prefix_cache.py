@@ -133,3 +133,14 @@ def test_stored_prefixes_are_evicted_before_anything_is_preempted(llama_artifact
     assert s.evictions > 0 and engine.scheduler.num_preemptions == 0  # the store made way
     stats = engine.kv_cache.pool.stats()
     assert stats.pages_mapped == stats.retained  # nothing but the store holds pages
+
+
+def test_sharing_holds_with_the_cpu_graph_cache_and_the_arena(llama_artifact):
+    """As the CLI runs (CPU graphs over the activation arena): shared pages, the same tokens."""
+    prompts = prompts_with_prefix(5, 40, seed=3)
+    off = load(llama_artifact, kv_page_size=PAGE, prefix_caching=False, graph_cache=True)
+    on = load(llama_artifact, kv_page_size=PAGE, graph_cache=True, arena=True)
+    want = generate(off, prompts[:1]) + generate(off, prompts[1:])
+    assert generate(on, prompts[:1]) + generate(on, prompts[1:]) == want
+    assert on.prefix_cache.stats.requests_hit == 4 and on.runner.stats.arena_programs > 0
+    assert on.runner.stats.hits > 0  # decode steps of aliased sequences ran the cached graphs

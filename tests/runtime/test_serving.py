@@ -209,20 +209,34 @@ def test_latency_histograms_use_vllms_names(server, client):
         assert m[f"vllm:{name}_sum{{{label}}}"] > 0
 
 
-def test_a_long_prompt_does_not_stall_streams_beyond_one_chunk(tiny_artifact):
-    """8 streams decode while a long prompt arrives: with a 64-token budget it is prefilled in
-    chunks beside them, so no stream waits longer than a step with one chunk in it."""
-    engine = load(tiny_artifact, max_num_batched_tokens=64, prefix_caching=False)
+@pytest.fixture(scope="module")
+def long_context_artifact(tmp_path_factory):
+    """A Qwen2-shaped tiny model with a 4608-token context, compiled with a 512-token step."""
+    import transformers
+
+    from conftest import BASE, FAMILIES, compile_cli
+
+    root = tmp_path_factory.mktemp("long")
+    _, _, extra = FAMILIES["qwen2"]
+    config = transformers.Qwen2Config(**{**BASE, **extra, "max_position_embeddings": 4608})
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).eval().save_pretrained(root / "hf")
+    return compile_cli(root / "hf", root / "art", "--max-num-tokens", "512")
+
+
+def test_a_4k_prompt_does_not_stall_8_streams_beyond_one_chunk(long_context_artifact):
+    """8 streams decode (through the CPU graph cache, as the CLI runs) while a 4000-token
+    prompt arrives: it is prefilled in chunks beside them, each stream gets a token in every
+    step, and its longest wait between two tokens is one step holding one chunk."""
+    engine = load(long_context_artifact, graph_cache=True)
+    alone = load(long_context_artifact, prefix_caching=False)
     rng = random.Random(1)
-    streams = [
-        engine.add_request(
-            [rng.randrange(3, 2000) for _ in range(8)], max_tokens=80, ignore_eos=True
-        )
-        for _ in range(8)
-    ]
+    prompts = [[rng.randrange(3, 320) for _ in range(8)] for _ in range(8)]
+    streams = [engine.add_request(p, max_tokens=40, ignore_eos=True) for p in prompts]
     for _ in range(3):
         engine.step()
-    long = engine.add_request([rng.randrange(3, 2000) for _ in range(480)], max_tokens=2)
+    prompt = [rng.randrange(3, 320) for _ in range(4000)]
+    long = engine.add_request(prompt, max_tokens=4, ignore_eos=True)
     ends, steps, chunks = [time.perf_counter()], [], []
     while not long.output_ids:
         counts = [len(s.output_ids) for s in streams]
@@ -231,9 +245,13 @@ def test_a_long_prompt_does_not_stall_streams_beyond_one_chunk(tiny_artifact):
         ends.append(time.perf_counter())
         steps.append(ends[-1] - start)
         chunks.append(long.num_cached)
-        # every stream got its token in this step, the one computing a chunk of the prompt
-        assert [len(s.output_ids) for s in streams] == [n + 1 for n in counts]
-    assert len(steps) == -(-480 // 56) and chunks[0] == 56  # 64 - 8 decodes a step
+        assert [len(s.output_ids) for s in streams] == [n + 1 for n in counts]  # not stalled
+    assert chunks[:2] == [504, 1008] and len(steps) == -(-4000 // 504)  # 512 - 8 decodes a step
     gaps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
     # a stream's longest wait for a token is one step holding one chunk, not the whole prefill
     assert max(gaps) <= max(steps) + 0.05
+    while engine.scheduler.has_work():
+        engine.step()
+    want = [alone.generate([p], max_tokens=40, ignore_eos=True)[0].token_ids for p in prompts]
+    assert [s.output_ids for s in streams] == want  # as each alone, token for token
+    assert long.output_ids == alone.generate([prompt], max_tokens=4, ignore_eos=True)[0].token_ids
