@@ -10,6 +10,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton kernels run on the CPU under Triton's interpreter where no GPU is (CI): the variable is
+# read when a kernel is decorated, so it is set before any test imports kernels/triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Small configs with the real shape of each family: GQA, per-family switches, rope variants.
 BASE = dict(
