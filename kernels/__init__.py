@@ -5,7 +5,7 @@ no GPU, so their logic is testable on the CPU)."""
 
 import torch
 
-import xllm_compile.kernels.cuda.attention  # noqa: F401  (CUDA binding of xllm::attention)
+import xllm_compile.kernels.cuda.bindings  # noqa: E402,F401  (CUDA registrations, via the registry)
 from xllm_compile.kernels.all_reduce_add_rms_norm import all_reduce_add_rms_norm
 from xllm_compile.kernels.attention import attention
 from xllm_compile.kernels.fused_add_rms_norm import fused_add_rms_norm

@@ -15,8 +15,11 @@ aten.linear, as do other devices (their GEMMs are the fast path there).
 On CPU, binding loads the C++ kernels (kernels/cpu/, built once per machine), which register
 themselves for the CPU dispatch key: the graph keeps calling `torch.ops.xllm.<op>` (the saved
 program stays device-neutral) and the dispatcher picks the kernel. On cuda and npu no kernels
-exist yet (issue 3 scope is CPU): the pass is skipped with that reason and the reference
-implementations run.
+
+On cuda and npu nothing is rewritten: the CUDA and NPU dispatch registrations call through the
+kernel registry (kernels/registry.py: Triton on CUDA, torch_npu on Ascend, each with its
+fallbacks), and the pass records what the registry binds on this machine for each op and why
+any fallback was taken (stats.details["fallbacks"]).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from torch import fx
 
 from xllm_compile.kernels import cpu as cpu_kernels
+from xllm_compile.kernels import registry
 from xllm_compile.passes.base import Pass, PassContext, PassStats
 from xllm_compile.passes.match import aten, is_call, val
 
@@ -45,15 +49,17 @@ def xllm_ops(gm: fx.GraphModule) -> list[str]:
 
 class LowerOps(Pass):
     name = "lower_ops"
-    VERSION = 2  # 2: CPU aten.linear -> xllm::linear
+    VERSION = 3  # 2: CPU aten.linear -> xllm::linear; 3: cuda/npu bindings from the registry
     description = "bind each xllm:: op to the device's kernel (CPU: C++ kernels, xllm::linear)"
 
     def applies(self, ctx: PassContext) -> str | None:
-        if ctx.device not in DEVICE_KEYS:
-            return f"no {ctx.device} kernels yet: the reference implementations run"
+        if ctx.device not in registry.BACKENDS:
+            return f"no {ctx.device} kernels: the reference implementations run"
         return None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassStats:
+        if ctx.device != "cpu":
+            return self._registry_bindings(gm, ctx.device)
         stats = PassStats()
         why_not = cpu_kernels.ensure_loaded()
         if why_not is None:
@@ -73,6 +79,27 @@ class LowerOps(Pass):
         stats.details["bindings"] = bindings
         if why_not is not None:
             stats.details["fallback"] = why_not
+        return stats
+
+    @staticmethod
+    def _registry_bindings(gm: fx.GraphModule, device: str) -> PassStats:
+        """What the kernel registry binds on `device` here for each op (nothing is rewritten)."""
+        stats, bindings, fallbacks = PassStats(), {}, {}
+        known = registry.registry()
+        for name in xllm_ops(gm):
+            short = name.removeprefix("xllm::")
+            if short not in known:
+                bindings[name] = "reference"
+            else:
+                impl, skipped = registry.choose(short, device)
+                bindings[name] = impl.name
+                if skipped:
+                    fallbacks[name] = [f"{i.name}: {why}" for i, why in skipped]
+            stats.count(bindings[name])
+        stats.matches = sum(1 for b in bindings.values() if b != "reference")
+        stats.details["bindings"] = bindings
+        if fallbacks:
+            stats.details["fallbacks"] = fallbacks
         return stats
 
 

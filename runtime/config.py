@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from xllm_compile.errors import ConfigError
 
 KV_CACHES = ("paged", "contiguous")
-GRAPH_BACKENDS = ("eager", "cpu_graph", "inductor", "cuda_graph")
+GRAPH_BACKENDS = ("eager", "cpu_graph", "inductor", "cuda_graph", "torchair")
 
 
 @dataclass(frozen=True)

@@ -51,9 +51,16 @@ def load(path: str | Path, config: RuntimeConfig | None = None, **overrides) -> 
     m = art.manifest
     device = device or m["device"]
     check_device(device)
+    if device.startswith("npu"):  # the xllm:: ops on the npu key, through the kernel registry
+        from xllm_compile.kernels.npu import register
+
+        register()
     tp_size = (m.get("tp") or {}).get("size", 1)
-    if graph_cache == "auto":  # CPU graphs where they apply (runtime/cpu_graph.py)
-        graph_cache = "cpu_graph" if tp_size == 1 and device == "cpu" else False
+    if graph_cache == "auto":  # CPU graphs where they apply (runtime/cpu_graph.py), torchair on npu
+        one = tp_size == 1
+        graph_cache = "cpu_graph" if one and device == "cpu" else False
+        if one and device.startswith("npu"):
+            graph_cache = "torchair"
         c = dataclasses.replace(c, graph_cache=graph_cache)
     if tp_size > 1:
         device = _check_tp(art, device, tp_size, graph_cache)

@@ -143,7 +143,8 @@ class ModelRunner:
         Enabling again starts a new cache: no entries, fresh counters."""
         self.entries.clear()
         self.stats, self.arena, self.prefill_buckets = RunnerStats(), None, ()
-        self.backend = backend or ("cuda_graph" if self.device.type == "cuda" else "cpu_graph")
+        defaults = {"cuda": "cuda_graph", "npu": "torchair"}
+        self.backend = backend or defaults.get(self.device.type, "cpu_graph")
         if self.backend not in BACKENDS:
             raise ValueError(f"graph cache backend {self.backend!r}; choose from {BACKENDS}")
         self.use_cuda_graphs = self.backend == "cuda_graph"

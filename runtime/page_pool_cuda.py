@@ -1,10 +1,18 @@
 """CUDA page pool on the driver's virtual memory API (cuda-python, extra `[cuda]`): a physical
 page is one cuMemCreate allocation, a range is one cuMemAddressReserve, and cuMemMap +
-cuMemSetAccess put a page at an offset. Importable without cuda-python; constructing the pool
-without it raises BackendUnavailableError.
+cuMemSetAccess put a page at an offset (an alias maps one allocation's handle at a second
+address). Importable without cuda-python; constructing the pool without it raises
+BackendUnavailableError.
+
+Dropping the pool gives its memory back to the driver, as `close()` does: a finalizer
+(`_release_all`, run when the pool is garbage collected or at interpreter exit) unmaps every
+page still mapped, frees every reserved range and releases every physical allocation. Tensors
+viewing its ranges must be gone by then, as for `release()`.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -65,6 +73,10 @@ class CudaPagePool(PagePool):
             )
         super().__init__(page_size, num_pages)
         self._handles: dict[int, object] = {}  # physical page -> CUmemGenericAllocationHandle
+        # the memory goes back to the driver when the pool is dropped, not only at close()
+        self._finalizer = weakref.finalize(
+            self, _release_all, cu, self.device, self.page_size, self._ranges, self._handles
+        )
         self._access = cu.CUmemAccessDesc()
         self._access.location = self._prop.location
         self._access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
@@ -117,10 +129,30 @@ class CudaPagePool(PagePool):
         return flat.view(dtype)
 
     def close(self) -> None:
-        super().close()
-        for handle in self._handles.values():
-            _check(cu.cuMemRelease(handle))
-        self._handles.clear()
+        self._finalizer()  # idempotent: a later drop finds nothing left
+
+
+def _release_all(driver, device, page_size: int, ranges: list, handles: dict) -> None:
+    """Unmap every mapped page, free every range's address space, release every allocation
+    (the pool's close, and its finalizer). Takes the driver module so that the sequence of
+    calls is testable without a GPU (tests/runtime/test_page_pool.py)."""
+    if ranges and torch.cuda.is_available():
+        torch.cuda.synchronize(device)  # queued kernels may still read the pages
+    for vrange in list(ranges):
+        for index in list(vrange.pages):
+            _call(driver, driver.cuMemUnmap(vrange.address + index * page_size, page_size))
+        vrange.pages.clear()
+        _call(driver, driver.cuMemAddressFree(vrange.address, vrange.nbytes))
+    ranges.clear()
+    for handle in handles.values():
+        _call(driver, driver.cuMemRelease(handle))
+    handles.clear()
+
+
+def _call(driver, result):
+    err = result[0] if isinstance(result, tuple) else result
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"CUDA driver call failed while releasing the page pool: {err}")
 
 
 def _allocation_prop(index: int):

@@ -12,7 +12,10 @@ calls or replays.
     and replayed as a flat list of kernel calls (runtime/cpu_graph.py; the CPU default);
   - cuda_graph: the program (or its arena program) captured into a CUDA graph over the entry's
     static buffers, replayed after the step's inputs are copied in; all graphs share one
-    memory pool, since one runs at a time.
+    memory pool, since one runs at a time;
+  - torchair: Ascend graph mode: the program compiled by torch.compile with torchair's NPU
+    backend (`torchair.get_npu_backend`) for the bucket's static shapes (the npu default; never
+    run on an NPU here: tested with torchair replaced at the module boundary).
 
 The activation arena (an option of the runner, not a builder) changes what the entry's program
 is (its arena program) and where its buffer lives; any builder but Inductor then applies.
@@ -26,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-BACKENDS = ("cpu_graph", "cuda_graph", "eager", "inductor")
+BACKENDS = ("cpu_graph", "cuda_graph", "eager", "inductor", "torchair")
 
 
 @dataclass
@@ -106,6 +109,45 @@ class InductorBuilder:
         entry.fn = compiled
 
 
+class TorchairBuilder:
+    """Each bucket compiled through torchair (GE graph mode on Ascend) with static shapes."""
+
+    name = "torchair"
+
+    def __init__(self, num_keys: int) -> None:
+        self.num_keys = num_keys
+        self._compiled: dict[str, object] = {}
+        self._backend = None
+
+    def backend(self):
+        if self._backend is None:
+            try:
+                import torchair
+            except ImportError:
+                from xllm_compile.errors import BackendUnavailableError
+
+                raise BackendUnavailableError(
+                    "graph cache 'torchair' needs torchair: pip install 'xllm-compile[npu]'"
+                ) from None
+            config = torchair.CompilerConfig()
+            self._backend = torchair.get_npu_backend(compiler_config=config)
+        return self._backend
+
+    def build(self, entry: Entry, kv_view: torch.Tensor, call: Call) -> None:
+        import torch._dynamo
+
+        if entry.variant not in self._compiled:
+            self._compiled[entry.variant] = torch.compile(
+                entry.program, backend=self.backend(), dynamic=False
+            )
+        compiled = self._compiled[entry.variant]
+        limit = self.num_keys + 8  # one static-shape graph per bucket
+        with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=limit):
+            with torch.inference_mode():
+                call(entry.args, kv_view, compiled)
+        entry.fn = compiled
+
+
 def _inductor_counters() -> tuple[int, int]:
     from torch._dynamo.utils import counters
 
@@ -155,4 +197,6 @@ def make_builder(backend: str, device: torch.device, stats, num_keys: int) -> St
         return InductorBuilder(stats, num_keys)
     if backend == "cpu_graph":
         return CpuGraphBuilder()
+    if backend == "torchair":
+        return TorchairBuilder(num_keys)
     return EagerBuilder()

@@ -163,7 +163,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
         "--graph-cache",
         default="auto",
         dest="graph_cache",
-        choices=["auto", "none", "eager", "cpu_graph", "inductor", "cuda_graph"],
+        choices=["auto", "none", "eager", "cpu_graph", "inductor", "cuda_graph", "torchair"],
         help="run decode steps through the multi-graph cache with this backend (default auto: "
         "cpu_graph, each bucket's step recorded once and replayed without Python, for a "
         "one-rank artifact on the CPU; none elsewhere)",
@@ -464,6 +464,24 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    """Which backend implements each xllm:: op on this machine, and why a fallback is taken."""
+    import xllm_compile.kernels  # noqa: F401  (registers the ops)
+    from xllm_compile.kernels.registry import table
+
+    rows = [r for r in table() if args.backend in (None, r["backend"])]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["op"]) for r in rows)
+    for r in rows:
+        line = f"{r['op']:<{width}}  {r['backend']:<4}  {r['runs']}"
+        if r["fallbacks"]:
+            line += "   (" + "; ".join(r["fallbacks"]) + ")"
+        print(line)
+    return 0
+
+
 def cmd_build_kernels(args: argparse.Namespace) -> int:
     """Build (or find) the C++ CPU kernels now; prints the shared library's path."""
     from xllm_compile.kernels.cpu.build import KernelBuildError, build_and_load
@@ -504,6 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-kernels", help="build the C++ CPU kernels now (else on first use)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for a lock")
     p.set_defaults(func=cmd_build_kernels)
+    p = sub.add_parser("kernels", help="which kernel implements each op here, and why not others")
+    p.add_argument("--backend", choices=["cpu", "cuda", "npu"], default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_kernels)
     p = sub.add_parser("inspect", help="show an artifact's manifest")
     p.add_argument("artifact")
     p.add_argument("--json", action="store_true")

@@ -1,5 +1,6 @@
-"""CUDA binding of `xllm::attention`: the decode path without host synchronization, so that a
-decode step can be captured in a CUDA graph.
+"""`xllm::attention` on CUDA as a composition of torch ops: the decode path without host
+synchronization, so that a decode step can be captured in a CUDA graph. The registry
+(kernels/registry.py) runs the Triton kernel first and this where triton is missing.
 
 The CPU reference sizes its gather by `int(seq_lens.max())`, a device->host sync that CUDA-graph
 capture forbids. Here the bound is the cache's position extent `kv_cache.shape[3]`, a static
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from xllm_compile.kernels.attention import _decode, attention, prefill_reference, prefill_static
+from xllm_compile.kernels.attention import _decode, prefill_reference, prefill_static
 
 
 def _decode_static(q, cache, positions, seq_slots, seq_lens, scale, window):
@@ -21,8 +22,10 @@ def _decode_static(q, cache, positions, seq_slots, seq_lens, scale, window):
     return _decode(q, cache, positions, seq_slots, seq_lens, scale, window, bound=cache.shape[2])
 
 
-@attention.register_kernel("cuda")
-def _(q, kv_cache, layer, positions, seq_slots, query_lens, seq_lens, scale, sliding_window):
+def attention_composite(
+    q, kv_cache, layer, positions, seq_slots, query_lens, seq_lens, scale, sliding_window
+):
+    """The sync-free composition of torch ops (the fallback under the Triton kernel)."""
     if q.shape[0] == seq_slots.shape[0]:
         return _decode_static(
             q, kv_cache[layer], positions, seq_slots, seq_lens, scale, sliding_window

@@ -87,7 +87,7 @@ def test_pipeline_filters_and_names():
         build_pipeline(["fuse_gelu"])
 
 
-def test_lower_ops_binds_cpu_and_skips_other_devices():
+def test_lower_ops_binds_cpu_and_records_the_registrys_choice_elsewhere():
     ep = export(TwoMLPs(), torch.randn(4, 32))
     names = ["cleanup", "fuse_silu_mul", "lower_ops"]
     records, _, _ = run_passes(ep, names, (torch.randn(3, 32),))
@@ -95,7 +95,13 @@ def test_lower_ops_binds_cpu_and_skips_other_devices():
     assert bindings == {"xllm::silu_and_mul": "cpu kernel", "xllm::linear": "cpu kernel"}
     ep = export(TwoMLPs(), torch.randn(4, 32))
     records, _, _ = run_passes(ep, names, (torch.randn(3, 32),), device="cuda")
-    assert records[-1]["skipped"] == "no cuda kernels yet: the reference implementations run"
+    details = records[-1]["stats"]["details"]
+    assert details["bindings"] == {"xllm::silu_and_mul": "triton"}  # triton is a dev dependency
+    ep = export(TwoMLPs(), torch.randn(4, 32))
+    records, _, _ = run_passes(ep, names, (torch.randn(3, 32),), device="npu")
+    details = records[-1]["stats"]["details"]
+    assert details["bindings"] == {"xllm::silu_and_mul": "reference"}  # no torch_npu here
+    assert "torch_npu is not importable" in details["fallbacks"]["xllm::silu_and_mul"][0]
 
 
 def test_graph_utils_on_attention_graph():

@@ -118,3 +118,70 @@ def test_npu_slot_is_a_clear_error():
 def test_cuda_without_cuda_python_or_gpu_is_a_clear_error():
     with pytest.raises(BackendUnavailableError):
         make_page_pool("cuda", CUDA_PAGE, 4)
+
+
+def _memfd_mappings(pid: int) -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if f"xllm-pages-{pid}" in line)
+
+
+def test_dropping_a_pool_gives_its_memory_back():
+    """Without close(): the last reference going frees the mappings, the ranges and the memfd
+    (the same contract the CUDA pool's finalizer keeps, below)."""
+    import gc
+    import os
+
+    pool = make_page_pool("cpu", CPU_PAGE, 8)
+    vrange = pool.reserve(4 * CPU_PAGE)
+    for i in range(3):
+        pool.map(vrange, i)
+    pool.tensor(vrange, torch.float32)[: 3 * floats(pool)] = 1.0  # the pages take memory
+    fd = pool.fd
+    assert _memfd_mappings(os.getpid()) >= 1
+    del pool, vrange
+    gc.collect()
+    assert _memfd_mappings(os.getpid()) == 0
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the memfd, and with it the pages, is gone
+
+
+class _FakeDriver:
+    """cuda-python's driver module at the boundary: records the calls, returns CUDA_SUCCESS."""
+
+    class CUresult:
+        CUDA_SUCCESS = 0
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls.append((name, *args))
+            return (0,)
+
+        return call
+
+
+def test_the_cuda_pools_release_unmaps_frees_and_releases_everything():
+    from xllm_compile.runtime.page_pool import VirtualRange
+    from xllm_compile.runtime.page_pool_cuda import _release_all
+
+    page = CUDA_PAGE
+    a = VirtualRange(1 << 40, 4 * page, pages={0: 3, 2: 1})
+    b = VirtualRange(1 << 41, 2 * page, pages={1: 3})  # page 3 aliased into both ranges
+    ranges, handles = [a, b], {1: "h1", 3: "h3", 5: "h5"}  # 5: made once, mapped nowhere now
+    driver = _FakeDriver()
+    _release_all(driver, None, page, ranges, handles)
+    assert driver.calls == [
+        ("cuMemUnmap", a.address, page),
+        ("cuMemUnmap", a.address + 2 * page, page),
+        ("cuMemAddressFree", a.address, a.nbytes),
+        ("cuMemUnmap", b.address + page, page),
+        ("cuMemAddressFree", b.address, b.nbytes),
+        ("cuMemRelease", "h1"),
+        ("cuMemRelease", "h3"),
+        ("cuMemRelease", "h5"),
+    ]
+    assert ranges == [] and handles == {} and a.pages == {}
+    _release_all(driver, None, page, ranges, handles)  # a second time (close, then the drop)
+    assert len(driver.calls) == 8
