@@ -133,7 +133,7 @@ def register() -> None:
     for name in OPS:
         op = getattr(torch.ops.xllm, name).default
 
-        def kernel(*args, _name=name):
-            return registry.dispatch(_name, "npu", *args)
+        def kernel(*args, _name=name, **kwargs):
+            return registry.dispatch(_name, "npu", *args, **kwargs)
 
         torch.library.register_kernel(op, "npu", kernel)

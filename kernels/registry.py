@@ -49,8 +49,9 @@ def _lazy(module: str, attr: str) -> Callable:
     """`module.attr`, imported on first call: Triton kernels are decorated at import, which must
     come after TRITON_INTERPRET is set (tests) and costs ~1 s (no import unless used)."""
 
-    def call(*args):
-        return getattr(importlib.import_module(f"xllm_compile.kernels.{module}"), attr)(*args)
+    def call(*args, **kwargs):
+        fn = getattr(importlib.import_module(f"xllm_compile.kernels.{module}"), attr)
+        return fn(*args, **kwargs)
 
     return call
 
@@ -85,13 +86,13 @@ def _rotary_supports(q, k, cos, sin, is_neox=True) -> str | None:
     return _float_dtypes(q, k, cos, sin) or supports(q, k, cos, sin)
 
 
-def _kv_supports(kv_cache, *args) -> str | None:
+def _kv_supports(kv_cache, *args, **kwargs) -> str | None:
     if kv_cache.stride(-1) != 1:
         return "the KV cache's head dim is not contiguous"
     return _float_dtypes(kv_cache)
 
 
-def _attention_supports(q, kv_cache, *args) -> str | None:
+def _attention_supports(q, kv_cache, *args, **kwargs) -> str | None:
     return _kv_supports(kv_cache) or _float_dtypes(q)
 
 
@@ -111,7 +112,7 @@ def _tt(module: str, attr: str, supports=None) -> Impl:
         "triton importable; float dtypes",
         _triton,
         _lazy(f"triton.{module}", attr),
-        supports or (lambda *a: _float_dtypes(*a)),
+        supports or (lambda *a, **k: _float_dtypes(*a)),
     )
 
 
@@ -245,17 +246,17 @@ def choose(op: str, backend: str) -> tuple[Impl, list[tuple[Impl, str]]]:
     raise AssertionError("the reference is always available")
 
 
-def dispatch(op: str, backend: str, *args):
+def dispatch(op: str, backend: str, *args, **kwargs):
     """Run `op` on `backend`: the first implementation available here that takes these operands
     (the reference, at the latest)."""
     entry = registry()[op]
     for impl in entry.for_backend(backend):
         if impl.unavailable() is not None:
             continue
-        if impl.supports is not None and impl.supports(*args) is not None:
+        if impl.supports is not None and impl.supports(*args, **kwargs) is not None:
             continue
-        return (impl.fn or entry.reference)(*args)
-    return entry.reference(*args)
+        return (impl.fn or entry.reference)(*args, **kwargs)
+    return entry.reference(*args, **kwargs)
 
 
 def table() -> list[dict]:

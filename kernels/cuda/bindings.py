@@ -20,8 +20,8 @@ def _register(name: str) -> None:
     importlib.import_module(f"xllm_compile.kernels.{name}")  # defines torch.ops.xllm.<name>
     op = getattr(torch.ops.xllm, name).default
 
-    def cuda_kernel(*args):
-        return registry.dispatch(name, "cuda", *args)
+    def cuda_kernel(*args, **kwargs):
+        return registry.dispatch(name, "cuda", *args, **kwargs)
 
     torch.library.register_kernel(op, "cuda", cuda_kernel)
 

@@ -1,5 +1,7 @@
 """The same artifacts on a CUDA device (skipped without one): transformers parity in fp32 and
-bf16, and greedy decoding through CUDA graphs equal to eager."""
+bf16, and greedy decoding through CUDA graphs equal to eager; the xllm:: ops run the registry's
+CUDA choice (the Triton kernels where triton imports), and the Triton kernels on CUDA tensors
+equal the references."""
 
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ from xllm_compile.runtime.model_runner import attach_graph_cache
 from conftest import compile_cli
 from helpers import hf_greedy, hf_logits, prefill_then_decode, rel_err
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+]
 PROMPT = [1, 17, 93, 250, 4, 61, 77, 300, 12, 45, 201, 9]
 
 
@@ -62,3 +67,20 @@ def test_cuda_graphs_over_the_arena(family_models, tmp_path):
         assert entry.graph is not None
         for t in (entry.buffer, entry.output):
             assert base <= t.data_ptr() and t.data_ptr() + t.nbytes <= base + size
+
+
+def test_triton_kernels_on_cuda_equal_the_references():
+    """What tests/kernels/test_triton.py checks under the interpreter, compiled for the GPU."""
+    from xllm_compile.kernels import registry
+    from xllm_compile.kernels.attention import attention_reference
+
+    assert registry.choose("attention", "cuda")[0].name == "triton"
+    torch.manual_seed(0)
+    cache = torch.randn(2, 2, 3, 64, 2, 16, device="cuda")
+    lens = torch.tensor([5, 64, 33], device="cuda")
+    q = torch.randn(3, 6, 16, device="cuda")
+    args = (q, cache, 1, lens - 1, torch.tensor([2, 0, 1], device="cuda"),
+            torch.ones(3, dtype=torch.int64, device="cuda"), lens)  # fmt: skip
+    for window in (0, 7):
+        got = torch.ops.xllm.attention(*args, 0.25, window)  # the CUDA key: the Triton kernel
+        assert rel_err(got, attention_reference(*args, 0.25, window)) < 1e-5

@@ -106,6 +106,7 @@ def test_wheel_builds_and_uses_the_kernels_after_a_killed_build(wheel_venv, tmp_
     assert so.is_file() and so.is_relative_to(tmp_path / "kernels")
     check = (
         "import torch, xllm_compile, xllm_compile.kernels as k;"
+        "import xllm_compile.kernels.triton.attention, xllm_compile.runtime.prefix_cache;"
         "from xllm_compile.kernels.cpu import ensure_loaded;"
         "print(xllm_compile.__file__); print(ensure_loaded());"
         "x = torch.randn(3, 64); w = torch.ones(64);"

@@ -174,3 +174,73 @@ def test_random_attention_shapes_match_the_reference():
         got = tt_attention.attention(*args, seq_lens, dim**-0.5, window)
         want = attention_reference(*args, seq_lens, dim**-0.5, window)
         close(got, want, torch.float32), trial
+
+
+CUDA_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding", "store_kv",
+            "attention")  # fmt: skip
+
+
+def through_the_cuda_kernels(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict]:
+    """A copy of `gm` whose xllm:: ops call what the registry runs on CUDA (the Triton kernels,
+    here under the interpreter on CPU tensors), and a count of the calls."""
+    import copy
+
+    from xllm_compile.kernels import registry
+
+    calls: dict[str, int] = {}
+
+    def kernel(name):
+        def call(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return registry.dispatch(name, "cuda", *args, **kwargs)
+
+        call.__name__ = f"cuda_{name}"
+        return call
+
+    gm = copy.deepcopy(gm)
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        name = schema.name.removeprefix("xllm::") if schema is not None else None
+        if node.op == "call_function" and name in CUDA_OPS:
+            node.target = kernel(name)
+    gm.recompile()
+    return gm, calls
+
+
+def test_a_model_through_the_triton_kernels_equals_its_cpu_run(llama_artifact):
+    """The llama test model's program with every xllm:: op on its CUDA implementation (the
+    registry's first choice: Triton): a ragged prefill with cached context, then decode steps,
+    equal to the CPU kernels' run."""
+    from xllm_compile.runtime import load
+    from xllm_compile.runtime.model_runner import ModelRunner
+
+    from helpers import prefill_then_decode, rel_err
+
+    # the interpreter copies the whole cache each call: a contiguous one (every byte mapped)
+    engine = load(llama_artifact, kv_cache="contiguous", max_num_seqs=2)
+    prompt, continuation = [1, 17, 93, 250, 4, 61, 77, 300, 12], [45, 201, 9]
+    want = prefill_then_decode(engine, prompt, continuation)
+    gm, calls = through_the_cuda_kernels(engine.runner.graph_module)
+    engine.runner = ModelRunner(gm, engine.runner.params, "cpu", engine.kv_cache)
+    got = prefill_then_decode(engine, prompt, continuation)
+    assert rel_err(got, want) < 1e-4
+    assert set(calls) == {"rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding",
+                          "store_kv", "attention"}  # fmt: skip
+    [out] = engine.generate([prompt, prompt[:4]][:1], max_tokens=4)
+    assert (
+        out.token_ids
+        == [int(t) for t in want[len(prompt) - 1 :].argmax(-1)[:1]] + out.token_ids[1:]
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_cuda_registrations_route_through_the_registry(dtype):
+    """registry.dispatch(op, "cuda") is what the CUDA dispatch key runs: Triton for operands it
+    takes, the fallback for the rest (an integer tensor here)."""
+    from xllm_compile.kernels import registry
+
+    x, w = torch.randn(3, 64, dtype=dtype), torch.rand(64, dtype=dtype)
+    close(registry.dispatch("rms_norm", "cuda", x, w, 1e-6), rms_norm_ref(x, w, 1e-6), dtype)
+    assert registry.choose("attention", "cuda")[0].name == "triton"
+    ints = torch.arange(6).reshape(2, 3)
+    assert registry.registry()["silu_and_mul"].for_backend("cuda")[0].supports(ints, ints)
