@@ -48,6 +48,16 @@ def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
     return ids[len(prompt) :]
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {sample name with its labels: value}."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     """`python -m xllm_compile ARGS` in a real process."""
     return subprocess.run(

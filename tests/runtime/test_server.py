@@ -19,7 +19,7 @@ import pytest
 
 from xllm_compile.runtime import load
 
-from helpers import running_server
+from helpers import parse_metrics, running_server
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny-llama"
 PROMPT = "It is a truth universally acknowledged"
@@ -72,12 +72,7 @@ def post_stream(client: httpx.Client, path: str, body: dict) -> list[dict]:
 def metrics(client: httpx.Client) -> dict[str, float]:
     r = client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    out = {}
-    for line in r.text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
+    return parse_metrics(r.text)
 
 
 def wait_for(client: httpx.Client, done, what: str) -> dict[str, float]:

@@ -17,7 +17,7 @@ import torch
 from xllm_compile.runtime import load
 
 from conftest import EXAMPLE
-from helpers import hf_logits, prefill_then_decode, running_server
+from helpers import hf_logits, parse_metrics, prefill_then_decode, running_server
 
 openai = pytest.importorskip("openai")
 
@@ -46,13 +46,7 @@ def client(server):
 
 
 def metrics(server) -> dict[str, float]:
-    text = httpx.get(f"{server.url}/metrics").text
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
+    return parse_metrics(httpx.get(f"{server.url}/metrics").text)
 
 
 def test_64_concurrent_requests_each_equal_to_alone(server, ref):
