@@ -130,14 +130,14 @@ def sample(
     exception instead, and the other rows are unaffected."""
     logits = logits.float().cpu()
     if all(p.is_greedy and not p.has_processors for p in params):
-        return logits.argmax(dim=-1).tolist()
+        return greedy(logits)
     out: list[int | Exception] = []
     for i, (row, p, gen) in enumerate(zip(logits, params, gens, strict=True)):
         try:
             if p.has_processors:
                 prompt, output = history[i] if history is not None else ([], [])
                 row = process(row, p, prompt, output)
-            out.append(int(row.argmax()) if p.is_greedy else _sample_row(row, p, gen))
+            out.append(greedy(row[None])[0] if p.is_greedy else _sample_row(row, p, gen))
         except (RuntimeError, ValueError, IndexError) as e:  # bad probabilities, a bad bias id
             out.append(e)
     return out
@@ -166,6 +166,13 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[To
     else:
         tops = [()] * len(tokens)
     return [TokenLogprob(t, c, k) for t, c, k in zip(tokens, chosen, tops, strict=True)]
+
+
+def greedy(logits: torch.Tensor) -> list[int]:
+    """Each row's argmax (the first of equal maxima, NaN counting as the largest, as torch's).
+    numpy's: ATen's CPU argmax over a 49k vocabulary takes ~75 us a row, numpy's ~3 (SmolLM2,
+    2 threads; 289 against 37 us for 8 rows), at batch 1 ~1.5% of a decode step."""
+    return logits.numpy().argmax(axis=-1).tolist()
 
 
 def process(

@@ -137,3 +137,14 @@ def test_processors_change_greedy_tokens_and_stay_per_row():
 def test_invalid_processor_params(bad):
     with pytest.raises(RequestError):
         SamplingParams(**bad)
+
+
+def test_greedy_is_torchs_argmax_ties_and_nan_included():
+    from xllm_compile.runtime.sampler import greedy
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 49152)
+    x[1, 7] = x[1, 9000] = 1e4  # a tie: the first wins
+    x[2, 30] = float("nan")  # NaN counts as the largest
+    x[3] = 0.0  # all equal
+    assert greedy(x) == x.argmax(dim=-1).tolist() == greedy(x)[:1] + [7, 30, 0] + greedy(x)[4:]
