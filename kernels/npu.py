@@ -119,21 +119,12 @@ def attention(q, kv_cache, layer, positions, seq_slots, query_lens, seq_lens, sc
     return out
 
 
-OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding", "store_kv",
-       "attention")  # fmt: skip
-
-
 @functools.cache
 def register() -> None:
     """Register every op's npu kernel (through the registry, so a refused operand falls back to
     the reference). Needs torch_npu imported (it names the PrivateUse1 key "npu")."""
     from xllm_compile.kernels import registry
+    from xllm_compile.kernels.cuda.bindings import OPS  # the same ops, on the npu key
 
     _npu()
-    for name in OPS:
-        op = getattr(torch.ops.xllm, name).default
-
-        def kernel(*args, _name=name, **kwargs):
-            return registry.dispatch(_name, "npu", *args, **kwargs)
-
-        torch.library.register_kernel(op, "npu", kernel)
+    registry.register("npu", OPS)

@@ -96,7 +96,7 @@ def _attention_supports(q, kv_cache, *args, **kwargs) -> str | None:
     return _kv_supports(kv_cache) or _float_dtypes(q)
 
 
-def _cpu(name: str) -> Impl:
+def _cpu() -> Impl:
     isa = torch.backends.cpu.get_cpu_capability()  # what ATEN_CPU_CAPABILITY forces, too
     return Impl("cpu", f"C++ ({isa})", "the C++ kernels built: a C++ compiler", _cpu_kernels)
 
@@ -151,7 +151,7 @@ def registry() -> dict[str, OpKernels]:
             "rms_norm",
             rms_norm_ref,
             (
-                _cpu("rms_norm"),
+                _cpu(),
                 _tt("norm", "rms_norm"),
                 _npu("rms_norm", "npu_rms_norm"),
             ),
@@ -160,7 +160,7 @@ def registry() -> dict[str, OpKernels]:
             "fused_add_rms_norm",
             fused_add_rms_norm_ref,
             (
-                _cpu("fused_add_rms_norm"),
+                _cpu(),
                 _tt("norm", "fused_add_rms_norm"),
                 _npu("fused_add_rms_norm", "npu_add_rms_norm"),
             ),
@@ -169,7 +169,7 @@ def registry() -> dict[str, OpKernels]:
             "silu_and_mul",
             silu_and_mul_ref,
             (
-                _cpu("silu_and_mul"),
+                _cpu(),
                 _tt("silu_and_mul", "silu_and_mul"),
                 _npu("silu_and_mul", "npu_swiglu"),
             ),
@@ -178,7 +178,7 @@ def registry() -> dict[str, OpKernels]:
             "rotary_embedding",
             rotary_embedding_ref,
             (
-                _cpu("rotary_embedding"),
+                _cpu(),
                 _tt("rotary", "rotary_embedding", _rotary_supports),
                 _npu("rotary_embedding", "npu_rotary_mul", _npu_rotary_supports),
             ),
@@ -187,7 +187,7 @@ def registry() -> dict[str, OpKernels]:
             "store_kv",
             store_kv_reference,
             (
-                _cpu("store_kv"),
+                _cpu(),
                 _tt("store_kv", "store_kv", _kv_supports),
                 _npu("store_kv", "npu_scatter_nd_update_"),
             ),
@@ -196,7 +196,7 @@ def registry() -> dict[str, OpKernels]:
             "attention",
             attention_reference,
             (
-                _cpu("attention"),
+                _cpu(),
                 _tt("attention", "attention", _attention_supports),
                 composite,
                 _npu("attention", "npu_fused_infer_attention_score", _npu_attention_supports),
@@ -206,13 +206,13 @@ def registry() -> dict[str, OpKernels]:
             "linear",
             linear_ref,
             (
-                _cpu("linear"),
+                _cpu(),
                 Impl("cuda", "cuBLAS (aten.linear)", "always", _always, linear_ref),
                 Impl("npu", "aten.linear (CANN matmul)", "always", _always, linear_ref),
             ),
         ),
         # quantized matmuls: a CPU kernel only (xllm-compile refuses --quant for other devices)
-        OpKernels("linear_q", linear_q_ref, (_cpu("linear_q"),)),
+        OpKernels("linear_q", linear_q_ref, (_cpu(),)),
     ]
     for op in ops:  # the reference closes every backend's list
         object.__setattr__(op, "impls", (*op.impls, *(_ref(b) for b in BACKENDS)))
@@ -244,6 +244,19 @@ def choose(op: str, backend: str) -> tuple[Impl, list[tuple[Impl, str]]]:
             return impl, skipped
         skipped.append((impl, why))
     raise AssertionError("the reference is always available")
+
+
+def register(backend: str, names: tuple[str, ...]) -> None:
+    """Put `dispatch(name, backend, ...)` on `backend`'s dispatch key for each op (the CUDA
+    bindings at import; the npu ones once torch_npu has named its key)."""
+    for name in names:
+        importlib.import_module(f"xllm_compile.kernels.{name}")  # defines torch.ops.xllm.<name>
+        op = getattr(torch.ops.xllm, name).default
+
+        def kernel(*args, _name=name, **kwargs):
+            return dispatch(_name, backend, *args, **kwargs)
+
+        torch.library.register_kernel(op, backend, kernel)
 
 
 def dispatch(op: str, backend: str, *args, **kwargs):

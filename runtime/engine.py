@@ -176,7 +176,7 @@ class Engine:
             s.params.prompt_logprobs is not None and s.num_cached < len(s.prompt_ids)
             for s in batch.seqs
         )
-        before = {s.seq_id: (s.num_cached, len(s.step_ids())) for s in batch.seqs}
+        before = {s.seq_id: (s.num_cached, s.num_step) for s in batch.seqs} if every else {}
         seqs, logits = self._forward(batch.seqs, every)
         if not seqs:
             return
@@ -270,7 +270,7 @@ class Engine:
         scheduler's bookkeeping: a step that raises marks nothing). Returns logits [N, V]."""
         logits = self.runner.run(seqs, self.kv_cache.tensor, all_logits)
         for seq in seqs:
-            seq.num_cached += len(seq.step_ids())
+            seq.num_cached += seq.num_step
             seq.num_scheduled = None
         return logits
 

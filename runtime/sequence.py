@@ -54,8 +54,13 @@ class Sequence:
 
     def step_ids(self) -> list[int]:
         """The tokens this step computes: the scheduled chunk of the pending ones."""
-        pending = self.pending_ids()
-        return pending if self.num_scheduled is None else pending[: self.num_scheduled]
+        return self.all_ids[self.num_cached : self.num_cached + self.num_step]
+
+    @property
+    def num_step(self) -> int:
+        """How many tokens this step computes (len(step_ids()), without building the list)."""
+        n = self.num_pending
+        return n if self.num_scheduled is None else min(self.num_scheduled, n)
 
     @property
     def num_pending(self) -> int:

@@ -530,11 +530,7 @@ class _Echo:
             return out.text, out
         prompt = self.tokenizer.decode(out.prompt_ids) if self.tokenizer else ""
         if out.logprobs is not None and out.prompt_logprobs is not None:
-            out = dataclasses.replace(
-                out,
-                logprobs=list(out.prompt_logprobs) + list(out.logprobs),
-                token_ids=list(out.token_ids),
-            )
+            out = dataclasses.replace(out, logprobs=[*out.prompt_logprobs, *out.logprobs])
         return prompt + out.text, out
 
 
@@ -551,11 +547,11 @@ class _CompletionLogprobs:
         at = self.offset.get(index, 0)
         for i, lp in enumerate(out.logprobs or []):
             if lp is None:  # the prompt's first token: nothing before it to predict it
-                token = self.token_text(out.prompt_ids[0]) if out.prompt_ids else ""
-                tokens.append(token), lps.append(None), tops.append(None)
+                tokens.append(self.token_text(out.prompt_ids[0]) if out.prompt_ids else "")
+                lps.append(None)
+                tops.append(None)
             else:
-                token = self.token_text(lp.token)
-                tokens.append(token)
+                tokens.append(self.token_text(lp.token))
                 lps.append(lp.logprob)
                 tops.append({self.token_text(t): v for t, v in lp.top})
             offsets.append(at)

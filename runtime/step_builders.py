@@ -90,23 +90,14 @@ class InductorBuilder:
     def build(self, entry: Entry, kv_view: torch.Tensor, call: Call) -> None:
         """Inductor-compile the entry's program for the bucket's static shapes (compiled on
         this first call)."""
-        import torch._dynamo
-
         inductor_cache_dir()
         if entry.variant not in self._compiled:
             self._compiled[entry.variant] = torch.compile(entry.program, dynamic=False)
-        compiled = self._compiled[entry.variant]
         hits, misses = _inductor_counters()
-        # One compiled artifact per bucket: lift dynamo's per-function recompile limit (8) to
-        # the number of buckets for the duration of the build.
-        limit = self.num_keys + 8
-        with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=limit):
-            with torch.inference_mode():
-                call(entry.args, kv_view, compiled)
+        _compile_bucket(entry, kv_view, call, self._compiled[entry.variant], self.num_keys)
         new_hits, new_misses = _inductor_counters()
         self.stats.compile_cache_hits += new_hits - hits
         self.stats.compile_cache_misses += new_misses - misses
-        entry.fn = compiled
 
 
 class TorchairBuilder:
@@ -134,18 +125,24 @@ class TorchairBuilder:
         return self._backend
 
     def build(self, entry: Entry, kv_view: torch.Tensor, call: Call) -> None:
-        import torch._dynamo
-
         if entry.variant not in self._compiled:
             self._compiled[entry.variant] = torch.compile(
                 entry.program, backend=self.backend(), dynamic=False
             )
-        compiled = self._compiled[entry.variant]
-        limit = self.num_keys + 8  # one static-shape graph per bucket
-        with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=limit):
-            with torch.inference_mode():
-                call(entry.args, kv_view, compiled)
-        entry.fn = compiled
+        _compile_bucket(entry, kv_view, call, self._compiled[entry.variant], self.num_keys)
+
+
+def _compile_bucket(entry: Entry, kv_view, call: Call, compiled, num_keys: int) -> None:
+    """Run `compiled` (a torch.compile'd program) once on the bucket's inputs, which compiles
+    its graph for these static shapes, and make it the entry's callable. One graph per bucket:
+    dynamo's per-function recompile limit (8) is lifted to the number of buckets meanwhile."""
+    import torch._dynamo
+
+    limit = num_keys + 8
+    with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=limit):
+        with torch.inference_mode():
+            call(entry.args, kv_view, compiled)
+    entry.fn = compiled
 
 
 def _inductor_counters() -> tuple[int, int]:

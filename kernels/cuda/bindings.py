@@ -6,25 +6,9 @@ tensor reaches an op."""
 
 from __future__ import annotations
 
-import importlib
-
-import torch
-
 from xllm_compile.kernels import registry
 
 OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding", "store_kv",
        "attention")  # fmt: skip
 
-
-def _register(name: str) -> None:
-    importlib.import_module(f"xllm_compile.kernels.{name}")  # defines torch.ops.xllm.<name>
-    op = getattr(torch.ops.xllm, name).default
-
-    def cuda_kernel(*args, **kwargs):
-        return registry.dispatch(name, "cuda", *args, **kwargs)
-
-    torch.library.register_kernel(op, "cuda", cuda_kernel)
-
-
-for _name in OPS:
-    _register(_name)
+registry.register("cuda", OPS)

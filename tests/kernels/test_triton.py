@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from xllm_compile.kernels.attention import attention_reference
+from xllm_compile.kernels.cuda.bindings import OPS as CUDA_OPS
 from xllm_compile.kernels.fused_add_rms_norm import fused_add_rms_norm_ref
 from xllm_compile.kernels.rms_norm import rms_norm_ref
 from xllm_compile.kernels.rotary_embedding import rotary_embedding_ref
@@ -174,10 +175,6 @@ def test_random_attention_shapes_match_the_reference():
         got = tt_attention.attention(*args, seq_lens, dim**-0.5, window)
         want = attention_reference(*args, seq_lens, dim**-0.5, window)
         close(got, want, torch.float32), trial
-
-
-CUDA_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding", "store_kv",
-            "attention")  # fmt: skip
 
 
 def through_the_cuda_kernels(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict]:
