@@ -39,7 +39,11 @@
 namespace {
 
 constexpr int64_t kMaxRows = 16;  // activation rows on the streaming kernel; ATen beyond
-constexpr int64_t kGrainBytes = 32 << 10;  // packed weight bytes per parallel task
+constexpr int64_t kGrainBytes = 32 << 10;
+// Zeros after the per-block arrays the kernels read with masked 16-lane loads (the activation
+// rows' block sums and scales): a masked load whose off lanes run past the buffer's end is slow
+// (measured: gate_up at K = 576, 18 blocks, 2.5x slower than with the padding).
+constexpr int64_t kMaskPad = 16;  // packed weight bytes per parallel task
 // (XLLM_PREFETCH_BYTES overrides it, for tuning on another machine)
 const int64_t kPrefetchBytes = [] {
   const char* v = std::getenv("XLLM_PREFETCH_BYTES");
@@ -314,31 +318,35 @@ bool fused_512(const Format& f, const uint8_t* row, int64_t K, const float* x, c
 // mid / 256 + lo / 65536). Two digits (16 bits) are not enough on real models: a block holding
 // one of SmolLM2's outlier channels (|x| ~100x the row's rms) leaves its neighbours with a few
 // bits, and logits moved 7.6e-4 against 4e-6 with three (ggml's one int8 plane: ~1e-3).
-// vpdpbusd multiplies 64 weight nibbles (u8) with 64 activation bytes (s8) a time: t =
-// ((dot(w, hi) << 8) + dot(w, mid)) << 8 + dot(w, lo) in int32 (4 * 15 * 127 * 65536 < 2^31),
-// then one FMA by d_w * s / 65536. Measured (1 thread, weights in L2): ~7 cycles a pair of blocks
-// and ~30 a row whether one, two or three digits are used, so the digits cost little here.
-// Two blocks a register: bytes [b0 v0-15 | b1 v0-15 | b0 v16-31 | b1 v16-31] (a 32-byte load of
-// the regrouped values, low nibbles then high), so the planes are stored in that order and the
-// int32 lanes 0-3, 8-11 belong to b0, 4-7, 12-15 to b1.
+// vpdpbusd multiplies 64 weight nibbles (u8) with 64 activation bytes (s8) a time, four bytes
+// into each int32 lane. Four blocks a step (a "quad": one 64-byte load of their packed values):
+// its low nibbles are the blocks' values 0-15, its high nibbles values 16-31, so lanes 4b..4b+3
+// of both belong to block b and the two accumulate into the same lanes: t = ((dot(w, hi) << 8) +
+// dot(w, mid)) << 8 + dot(w, lo) over both halves (8 values a lane: |t| < 8 * 15 * 127 * 65793 <
+// 2^31), then one FMA by the blocks' d_w * s / 65536 (spread over their lanes by one permute).
+// The shifts by 8 are byte shuffles (port 5: the dot products hold port 0). Per 128 weights: 6
+// dot products, 2 shuffles, 3 to unpack, 3 to scale, where two blocks a step took 12 per 64.
 constexpr int kPlanes = 3;
+constexpr int64_t kQuadBytes = 2 * 64;  // a plane of a quad: values 0-15 of its four blocks, then 16-31
 
 struct Planes {
-  std::vector<int8_t> q;     // [M][npairs][kPlanes][64]
+  std::vector<int8_t> q;     // [M][nquads][kPlanes][2][64]
   std::vector<float> scale;  // [M][nb]: s / 65536
-  int64_t nb = 0, npairs = 0;
+  int64_t nb = 0, nquads = 0;
 };
 
-// The planes of M activation rows, in the 4-bit order (values 0-15 of a pair's two blocks, then
-// their values 16-31).
+// The planes of M activation rows, in the quads' order.
 void make_planes(const float* x, int64_t M, int64_t K, Planes& p) {
   p.nb = K / 32;
-  p.npairs = (p.nb + 1) / 2;
-  p.q.resize(M * p.npairs * 64 * kPlanes);
-  p.scale.resize(M * p.nb);
-  if (p.nb % 2)  // an odd last block's missing partner reads zeros
+  p.nquads = (p.nb + 3) / 4;
+  const int64_t stride = kPlanes * kQuadBytes;  // one quad of one row
+  p.q.resize(M * p.nquads * stride);
+  // 16 zeros past the end: a group's masked 16-lane loads then never reach past the buffer
+  // (masked-off lanes past an allocation's end cost ~2.5x the whole kernel at K = 576)
+  p.scale.assign(M * p.nb + kMaskPad, 0.f);
+  if (p.nb % 4)  // a last quad's missing blocks read zeros
     for (int64_t m = 0; m < M; ++m)
-      std::memset(p.q.data() + (m * p.npairs + p.npairs - 1) * 64 * kPlanes, 0, 64 * kPlanes);
+      std::memset(p.q.data() + (m * p.nquads + p.nquads - 1) * stride, 0, stride);
   const __m512 sign = _mm512_set1_ps(-0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < p.nb; ++b) {
@@ -348,9 +356,9 @@ void make_planes(const float* x, int64_t M, int64_t K, Planes& p) {
           _mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
       const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
       p.scale[m * p.nb + b] = s / 65536.f;
-      int8_t* hi = p.q.data() + (m * p.npairs + b / 2) * 64 * kPlanes;
-      int8_t* mid = hi + 64;
-      int8_t* lo = hi + 128;
+      int8_t* hi = p.q.data() + (m * p.nquads + b / 4) * stride + (b % 4) * 16;
+      int8_t* mid = hi + kQuadBytes;
+      int8_t* lo = mid + kQuadBytes;
       const __m512 vinv = _mm512_set1_ps(inv), k256 = _mm512_set1_ps(256.f);
       const __m512 halves[2] = {x0, x1};
       for (int h = 0; h < 2; ++h) {
@@ -367,7 +375,7 @@ void make_planes(const float* x, int64_t M, int64_t K, Planes& p) {
         const __m512i ih = _mm512_cvtps_epi32(vh), im = _mm512_cvtps_epi32(vm);
         const __m512i il = _mm512_cvtps_epi32(
             _mm512_min_ps(_mm512_max_ps(vl, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f)));
-        const int at = h * 32 + (b & 1) * 16;
+        const int at = h * 64;
         _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at), _mm512_cvtsepi32_epi8(ih));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(mid + at), _mm512_cvtsepi32_epi8(im));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at), _mm512_cvtsepi32_epi8(il));
@@ -375,12 +383,21 @@ void make_planes(const float* x, int64_t M, int64_t K, Planes& p) {
     }
 }
 
-alignas(64) static const int32_t kPairIdx[8][16] = {
-#define XLLM_PAIR(p) {2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, \
-                      2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1}
-    XLLM_PAIR(0), XLLM_PAIR(1), XLLM_PAIR(2), XLLM_PAIR(3),
-    XLLM_PAIR(4), XLLM_PAIR(5), XLLM_PAIR(6), XLLM_PAIR(7),
-#undef XLLM_PAIR
+// Lane l of a quad belongs to block l / 4 of it: the permutation spreading a group's 16 scales
+// over quad q's lanes.
+alignas(64) static const int32_t kQuadIdx[4][16] = {
+#define XLLM_QUAD(q) {4 * q, 4 * q, 4 * q, 4 * q, 4 * q + 1, 4 * q + 1, 4 * q + 1, 4 * q + 1, \
+                      4 * q + 2, 4 * q + 2, 4 * q + 2, 4 * q + 2, 4 * q + 3, 4 * q + 3, 4 * q + 3, 4 * q + 3}
+    XLLM_QUAD(0), XLLM_QUAD(1), XLLM_QUAD(2), XLLM_QUAD(3),
+#undef XLLM_QUAD
+};
+
+// Each int32 lane times 256 as a byte shuffle (bytes 0-2 up one, byte 0 zero): exact while |t| <
+// 2^23, which the first two digits' sums are (< 8 * 15 * 127 * 257).
+alignas(64) static const int8_t kShl8[64] = {
+#define XLLM_SHL8 -128, 0, 1, 2, -128, 4, 5, 6, -128, 8, 9, 10, -128, 12, 13, 14
+    XLLM_SHL8, XLLM_SHL8, XLLM_SHL8, XLLM_SHL8,
+#undef XLLM_SHL8
 };
 
 // A zmm's horizontal sum in the order vnni_4x1 sums its four (a row's result must not depend
@@ -397,33 +414,47 @@ inline float hsum_4x1(__m512 v) {
   return _mm_cvtss_f32(_mm_hadd_ps(t, t));
 }
 
-// The two blocks of a pair as 64 weight bytes in the planes' order (an odd last block reads
-// only its own 16 bytes; its partner's lanes meet zero planes).
-inline __m512i pair_nibbles(const uint8_t* q, bool whole) {
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const __m256i v = whole ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))
-                          : _mm256_maskz_loadu_epi8(0xFFFF, q);
-  const __m256i lo = _mm256_and_si256(v, low4);
-  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-  return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-}
-
-// The pair's three-digit integer dot products with one activation row's planes at `pq`.
-inline __m512i pair_dot(__m512i w, const int8_t* pq) {
-  __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(pq));
-  t = _mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), w, _mm512_loadu_si512(pq + 64));
-  return _mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), w, _mm512_loadu_si512(pq + 128));
-}
-
 inline __mmask16 first_n(int64_t n) {
   return n == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
 }
 
+// A quad's packed values (nblk blocks of 16 bytes; the missing ones read as zeros) as its low
+// and high nibbles.
+struct Nibbles {
+  __m512i lo, hi;
+};
+
+inline Nibbles quad_nibbles(const uint8_t* q, int64_t nblk) {
+  const __m512i v = nblk == 4 ? _mm512_loadu_si512(q)
+                              : _mm512_maskz_loadu_epi8((__mmask64(1) << (16 * nblk)) - 1, q);
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  return {_mm512_and_si512(v, low4), _mm512_and_si512(_mm512_srli_epi16(v, 4), low4)};
+}
+
+// The quad's three-digit integer dot products with one activation row's planes at `pq`: the
+// three digits' sums side by side (two dependent dot products each, not six in one chain: the
+// chains' latency, not the ports, bounded the serial form), then joined.
+inline __m512i quad_dot(const Nibbles& w, const int8_t* pq, __m512i shl8) {
+  const __m512i zero = _mm512_setzero_si512();
+  __m512i h = _mm512_dpbusd_epi32(zero, w.lo, _mm512_loadu_si512(pq));
+  __m512i m = _mm512_dpbusd_epi32(zero, w.lo, _mm512_loadu_si512(pq + kQuadBytes));
+  __m512i l = _mm512_dpbusd_epi32(zero, w.lo, _mm512_loadu_si512(pq + 2 * kQuadBytes));
+  h = _mm512_dpbusd_epi32(h, w.hi, _mm512_loadu_si512(pq + 64));
+  m = _mm512_dpbusd_epi32(m, w.hi, _mm512_loadu_si512(pq + kQuadBytes + 64));
+  l = _mm512_dpbusd_epi32(l, w.hi, _mm512_loadu_si512(pq + 2 * kQuadBytes + 64));
+  const __m512i hm = _mm512_add_epi32(_mm512_shuffle_epi8(h, shl8), m);
+  return _mm512_add_epi32(_mm512_shuffle_epi8(hm, shl8), l);
+}
+
+// y[m] = x[m0 + m] . row for MB activation rows over one weight row. Per group of 16 blocks: the
+// offsets (q4_1 + m * sum(x), q4_0 - 8 d * sum(x)) in one FMA, then a quad at a time its dot
+// products scaled into the same accumulator (vnni_4x1 does the same per row, in the same order).
 template <QType T, int MB>
 inline void vnni_rows(const uint8_t* row, int64_t K, const Planes& P, int64_t m0,
                       const float* sums, float* y) {
   const Row32 r = row32(T, row, K);
   const int64_t nb = r.nb;
+  const __m512i shl8 = _mm512_load_si512(kShl8);
   __m512 acc[MB], cv[MB];
 #pragma GCC unroll 4
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
@@ -431,7 +462,6 @@ inline void vnni_rows(const uint8_t* row, int64_t K, const Planes& P, int64_t m0
     const int64_t n = std::min<int64_t>(16, nb - g);
     const __mmask16 mask = first_n(n);
     const __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, r.d + 2 * g));
-    // the offsets: q4_1 + m * sum(x), q4_0 - 8 d * sum(x)
     const __m512 ov = T == QType::Q4_1
                           ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, r.m + 2 * g))
                           : _mm512_mul_ps(dv, _mm512_set1_ps(-8.f));
@@ -440,13 +470,14 @@ inline void vnni_rows(const uint8_t* row, int64_t K, const Planes& P, int64_t m0
       cv[m] = _mm512_mul_ps(dv, _mm512_maskz_loadu_ps(mask, P.scale.data() + (m0 + m) * nb + g));
       acc[m] = _mm512_fmadd_ps(ov, _mm512_maskz_loadu_ps(mask, sums + (m0 + m) * nb + g), acc[m]);
     }
-    for (int64_t j = 0; j < n; j += 2) {
-      const __m512i w = pair_nibbles(r.qs + 16 * (g + j), j + 1 < n);
-      const __m512i idx = _mm512_load_si512(kPairIdx[j / 2]);
-      const int64_t pair = (g + j) / 2;
+    for (int64_t j = 0; j < n; j += 4) {
+      const Nibbles w = quad_nibbles(r.qs + 16 * (g + j), std::min<int64_t>(4, n - j));
+      const __m512i idx = _mm512_load_si512(kQuadIdx[j / 4]);
+      const int64_t quad = (g + j) / 4;
 #pragma GCC unroll 4
       for (int m = 0; m < MB; ++m) {
-        const __m512i t = pair_dot(w, P.q.data() + ((m0 + m) * P.npairs + pair) * 64 * kPlanes);
+        const __m512i t = quad_dot(
+            w, P.q.data() + ((m0 + m) * P.nquads + quad) * kPlanes * kQuadBytes, shl8);
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(idx, cv[m]), acc[m]);
       }
     }
@@ -455,9 +486,9 @@ inline void vnni_rows(const uint8_t* row, int64_t K, const Planes& P, int64_t m0
   for (int m = 0; m < MB; ++m) y[m] = hsum_4x1(acc[m]);
 }
 
-// Four weight rows against one activation row (a batch-1 decode step): the planes are loaded
-// once for the four, the four chains interleave, and the four sums reduce together (a row's
-// own horizontal sum was a quarter of its time at K = 576).
+// Four weight rows against one activation row (a batch-1 decode step): the four chains
+// interleave and the four sums reduce together (a row's own horizontal sum was a quarter of its
+// time at K = 576); each row's arithmetic is vnni_rows'.
 template <QType T>
 inline void vnni_4x1(const uint8_t* w, int64_t row_bytes, int64_t K, const Planes& P,
                      const float* sums, float* y) {
@@ -466,6 +497,7 @@ inline void vnni_4x1(const uint8_t* w, int64_t row_bytes, int64_t K, const Plane
 #pragma GCC unroll 4
   for (int i = 0; i < R; ++i) r[i] = row32(T, w + i * row_bytes, K);
   const int64_t nb = r[0].nb;
+  const __m512i shl8 = _mm512_load_si512(kShl8);
   __m512 acc[R];
 #pragma GCC unroll 4
   for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
@@ -484,13 +516,13 @@ inline void vnni_4x1(const uint8_t* w, int64_t row_bytes, int64_t K, const Plane
       cv[i] = _mm512_mul_ps(dv, sv);
       acc[i] = _mm512_fmadd_ps(ov, xs, acc[i]);  // the offsets, in the same accumulator
     }
-    for (int64_t j = 0; j < n; j += 2) {
-      const int64_t pair = (g + j) / 2;
-      const int8_t* pq = P.q.data() + pair * 64 * kPlanes;  // the same planes for the four rows
-      const __m512i idx = _mm512_load_si512(kPairIdx[j / 2]);
+    for (int64_t j = 0; j < n; j += 4) {
+      const int64_t nblk = std::min<int64_t>(4, n - j);
+      const int8_t* pq = P.q.data() + (g + j) / 4 * kPlanes * kQuadBytes;  // shared by the four
+      const __m512i idx = _mm512_load_si512(kQuadIdx[j / 4]);
 #pragma GCC unroll 4
       for (int i = 0; i < R; ++i) {
-        const __m512i t = pair_dot(pair_nibbles(r[i].qs + 16 * (g + j), j + 1 < n), pq);
+        const __m512i t = quad_dot(quad_nibbles(r[i].qs + 16 * (g + j), nblk), pq, shl8);
         acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(idx, cv[i]), acc[i]);
       }
     }
@@ -670,7 +702,7 @@ void small(const Format& f, const float* x, int64_t M, int64_t K, const uint8_t*
   std::vector<float>& sums = sums_tl;
   if (f.block == 32) {
     const int64_t nb = K / 32;
-    sums.resize(M * nb);
+    sums.assign(M * nb + kMaskPad, 0.f);  // zeros past the end, as the planes' scales
     for (int64_t i = 0; i < M * nb; ++i) {
       float s = 0.f;
       for (int j = 0; j < 32; ++j) s += x[32 * i + j];
