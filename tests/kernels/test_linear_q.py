@@ -108,8 +108,10 @@ def test_kernel_matches_dequantize_then_matmul(qtype, rows):
 
 @pytest.mark.skipif(ensure_loaded() is not None, reason="no C++ kernels on this machine")
 @pytest.mark.parametrize("qtype", list(FORMATS))
-def test_out_overload_and_rows_independent_of_the_batch(qtype):
-    k = 512
+@pytest.mark.parametrize("k", [512, 576])  # 576: SmolLM2's width, a group of 16 blocks and of 2
+def test_out_overload_and_rows_independent_of_the_batch(qtype, k):
+    if k % FORMATS[qtype][0]:
+        k = 768  # the K-quants' blocks are 256 wide: three of them
     q = random_blocks(qtype, 45, k)
     x = torch.randn(6, k)
     out = torch.empty(6, 45)
@@ -121,6 +123,52 @@ def test_out_overload_and_rows_independent_of_the_batch(qtype):
     assert torch.equal(alone[0], out[2])
     # a 3-D activation keeps its leading dims
     assert torch.ops.xllm.linear_q(x.reshape(2, 3, k), q, qtype).shape == (2, 3, 45)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {w for line in f if line.startswith("flags") for w in line.split()[2:]}
+    except OSError:
+        return set()
+
+
+@pytest.mark.skipif(ensure_loaded() is not None, reason="no C++ kernels on this machine")
+@pytest.mark.skipif(
+    not {"avx512_vnni", "gfni"} <= _cpu_flags(), reason="no AVX512-VNNI + GFNI on this CPU"
+)
+def test_gfni_unpacking_is_bit_for_bit_the_shift_and_mask():
+    """The VNNI path unpacks the high nibbles with one GFNI affine op where the CPU has it;
+    XLLM_GFNI=0 (a child process) takes the shift-and-mask: the outputs must be identical."""
+    script = textwrap.dedent(
+        """
+        import hashlib, sys, torch
+        sys.path.insert(0, sys.argv[1])
+        import xllm_compile.kernels
+        from test_linear_q import random_blocks
+        h = hashlib.sha256()
+        for qtype in ("q4_0", "q4_1"):
+            for n, k in ((45, 512), (61, 576), (33, 1536), (7, 96)):
+                q = random_blocks(qtype, n, k, seed=n)
+                for rows in (1, 3, 8):
+                    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(k + rows))
+                    h.update(torch.ops.xllm.linear_q(x, q, qtype).numpy().tobytes())
+        print(h.hexdigest())
+        """
+    )
+    here = os.path.dirname(__file__)
+    digests = []
+    for flag in ("1", "0"):
+        proc = subprocess.run(
+            [sys.executable, "-c", script, here],
+            env={**os.environ, "XLLM_GFNI": flag},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        digests.append(proc.stdout.strip().splitlines()[-1])
+    assert digests[0] == digests[1]
 
 
 @pytest.mark.skipif(ensure_loaded() is not None, reason="no C++ kernels on this machine")
