@@ -39,11 +39,11 @@
 namespace {
 
 constexpr int64_t kMaxRows = 16;  // activation rows on the streaming kernel; ATen beyond
-constexpr int64_t kGrainBytes = 32 << 10;
+constexpr int64_t kGrainBytes = 32 << 10;  // packed weight bytes per parallel task
 // Zeros after the per-block arrays the kernels read with masked 16-lane loads (the activation
 // rows' block sums and scales): a masked load whose off lanes run past the buffer's end is slow
 // (measured: gate_up at K = 576, 18 blocks, 2.5x slower than with the padding).
-constexpr int64_t kMaskPad = 16;  // packed weight bytes per parallel task
+constexpr int64_t kMaskPad = 16;
 // (XLLM_PREFETCH_BYTES overrides it, for tuning on another machine)
 const int64_t kPrefetchBytes = [] {
   const char* v = std::getenv("XLLM_PREFETCH_BYTES");
@@ -324,8 +324,8 @@ bool fused_512(const Format& f, const uint8_t* row, int64_t K, const float* x, c
 // of both belong to block b and the two accumulate into the same lanes: t = ((dot(w, hi) << 8) +
 // dot(w, mid)) << 8 + dot(w, lo) over both halves (8 values a lane: |t| < 8 * 15 * 127 * 65793 <
 // 2^31), then one FMA by the blocks' d_w * s / 65536 (spread over their lanes by one permute).
-// The shifts by 8 are byte shuffles (port 5: the dot products hold port 0). Per 128 weights: 6
-// dot products, 2 shuffles, 3 to unpack, 3 to scale, where two blocks a step took 12 per 64.
+// Per 128 weights: 6 dot products, 2 shifts and 2 adds to join the digits, 3 ops to unpack, 3 to
+// scale, where two blocks a step took 12 per 64.
 constexpr int kPlanes = 3;
 constexpr int64_t kQuadBytes = 2 * 64;  // a plane of a quad: values 0-15 of its four blocks, then 16-31
 
@@ -392,14 +392,6 @@ alignas(64) static const int32_t kQuadIdx[4][16] = {
 #undef XLLM_QUAD
 };
 
-// Each int32 lane times 256 as a byte shuffle (bytes 0-2 up one, byte 0 zero): exact while |t| <
-// 2^23, which the first two digits' sums are (< 8 * 15 * 127 * 257).
-alignas(64) static const int8_t kShl8[64] = {
-#define XLLM_SHL8 -128, 0, 1, 2, -128, 4, 5, 6, -128, 8, 9, 10, -128, 12, 13, 14
-    XLLM_SHL8, XLLM_SHL8, XLLM_SHL8, XLLM_SHL8,
-#undef XLLM_SHL8
-};
-
 // A zmm's horizontal sum in the order vnni_4x1 sums its four (a row's result must not depend
 // on which path computed it: bucket padding and batch composition change the path).
 inline __m128 fold_512(__m512 v) {
@@ -437,10 +429,9 @@ inline Nibbles quad_nibbles(const uint8_t* q, int64_t nblk) {
   return {_mm512_and_si512(v, low4), _mm512_and_si512(_mm512_srli_epi16(v, 4), low4)};
 }
 
-// The quad's three-digit integer dot products with one activation row's planes at `pq`: the
-// three digits' sums side by side (two dependent dot products each, not six in one chain: the
-// chains' latency, not the ports, bounded the serial form), then joined.
-inline __m512i quad_dot(const Nibbles& w, const int8_t* pq, __m512i shl8) {
+// The quad's three-digit integer dot products with one activation row's planes at `pq`: each
+// digit's sum over both halves, then ((h << 8) + m) << 8 + l.
+inline __m512i quad_dot(const Nibbles& w, const int8_t* pq) {
   const __m512i zero = _mm512_setzero_si512();
   __m512i h = _mm512_dpbusd_epi32(zero, w.lo, _mm512_loadu_si512(pq));
   __m512i m = _mm512_dpbusd_epi32(zero, w.lo, _mm512_loadu_si512(pq + kQuadBytes));
@@ -448,8 +439,7 @@ inline __m512i quad_dot(const Nibbles& w, const int8_t* pq, __m512i shl8) {
   h = _mm512_dpbusd_epi32(h, w.hi, _mm512_loadu_si512(pq + 64));
   m = _mm512_dpbusd_epi32(m, w.hi, _mm512_loadu_si512(pq + kQuadBytes + 64));
   l = _mm512_dpbusd_epi32(l, w.hi, _mm512_loadu_si512(pq + 2 * kQuadBytes + 64));
-  const __m512i hm = _mm512_add_epi32(_mm512_shuffle_epi8(h, shl8), m);
-  return _mm512_add_epi32(_mm512_shuffle_epi8(hm, shl8), l);
+  return _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(_mm512_slli_epi32(h, 8), m), 8), l);
 }
 
 // y[m] = x[m0 + m] . row for MB activation rows over one weight row. Per group of 16 blocks: the
@@ -460,7 +450,6 @@ inline void vnni_rows(const uint8_t* row, int64_t K, const Planes& P, int64_t m0
                       const float* sums, float* y) {
   const Row32 r = row32(T, row, K);
   const int64_t nb = r.nb;
-  const __m512i shl8 = _mm512_load_si512(kShl8);
   __m512 acc[MB], cv[MB];
 #pragma GCC unroll 4
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
@@ -483,7 +472,7 @@ inline void vnni_rows(const uint8_t* row, int64_t K, const Planes& P, int64_t m0
 #pragma GCC unroll 4
       for (int m = 0; m < MB; ++m) {
         const __m512i t = quad_dot(
-            w, P.q.data() + ((m0 + m) * P.nquads + quad) * kPlanes * kQuadBytes, shl8);
+            w, P.q.data() + ((m0 + m) * P.nquads + quad) * kPlanes * kQuadBytes);
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(idx, cv[m]), acc[m]);
       }
     }
@@ -503,7 +492,6 @@ inline void vnni_4x1(const uint8_t* w, int64_t row_bytes, int64_t K, const Plane
 #pragma GCC unroll 4
   for (int i = 0; i < R; ++i) r[i] = row32(T, w + i * row_bytes, K);
   const int64_t nb = r[0].nb;
-  const __m512i shl8 = _mm512_load_si512(kShl8);
   __m512 acc[R];
 #pragma GCC unroll 4
   for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
@@ -528,7 +516,7 @@ inline void vnni_4x1(const uint8_t* w, int64_t row_bytes, int64_t K, const Plane
       const __m512i idx = _mm512_load_si512(kQuadIdx[j / 4]);
 #pragma GCC unroll 4
       for (int i = 0; i < R; ++i) {
-        const __m512i t = quad_dot(quad_nibbles<GF>(r[i].qs + 16 * (g + j), nblk), pq, shl8);
+        const __m512i t = quad_dot(quad_nibbles<GF>(r[i].qs + 16 * (g + j), nblk), pq);
         acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(idx, cv[i]), acc[i]);
       }
     }
