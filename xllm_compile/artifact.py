@@ -26,7 +26,9 @@ import torch
 from xllm_compile import __version__
 from xllm_compile.errors import ArtifactError
 
-FORMAT_VERSION = 2  # 2: program.json instead of a pickling program.pt2
+# 2: program.json instead of a pickling program.pt2; 3: 4-bit rows interleave their values in
+# groups of 16 blocks (kernels/linear_q.py)
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 PROGRAM = "program.json"
 WEIGHTS = "weights.safetensors"

@@ -506,8 +506,12 @@ def _quant_entry(mode: str) -> dict | None:
 
     return {
         "mode": mode,
-        "format": "<weight>.<qtype> uint8 [N, row_bytes]: each row's ggml blocks in order "
-        "along K, run by xllm::linear_q (kernels/linear_q.py documents the layouts)",
+        "format": "<weight>.<qtype> uint8 [N, row_bytes], run by xllm::linear_q "
+        "(kernels/linear_q.py documents the layouts): q4_k/q6_k rows are ggml's blocks in order "
+        "along K; q8_0/q4_0/q4_1 rows hold the same bytes regrouped: the nb block scales d "
+        "(fp16), the nb mins m (q4_1), then the values: q8_0's in block order, 4-bit ones in "
+        "groups of 16 blocks (byte 64c + 4i + k of a group = byte 4c + k of its block i), the "
+        "last nb % 16 blocks in block order",
         "qtypes": formats_doc(),
     }
 

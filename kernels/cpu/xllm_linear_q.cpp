@@ -80,11 +80,9 @@ inline float half(const uint8_t* p) {
 struct Row32 {
   const uint8_t* d;   // nb fp16
   const uint8_t* m;   // nb fp16 (q4_1), else null
-  const uint8_t* qs;  // nb * qbytes
+  const uint8_t* qs;  // the blocks' values: nb * 32 bytes (q8_0), nb * 16 (4-bit, grouped)
   int64_t nb;
 };
-
-inline int64_t qbytes(QType t) { return t == QType::Q8_0 ? 32 : 16; }
 
 inline Row32 row32(QType t, const uint8_t* row, int64_t K) {
   const int64_t nb = K / 32;
@@ -92,11 +90,24 @@ inline Row32 row32(QType t, const uint8_t* row, int64_t K) {
   return {row, m, row + (t == QType::Q4_1 ? 4 : 2) * nb, nb};
 }
 
+// 4-bit values come in groups of kGroup blocks interleaved 4 bytes at a time (byte 64 c + 4 i + k
+// of a group is byte 4 c + k of its block i), the last nb % kGroup blocks in block order.
+constexpr int64_t kGroup = 16;
+
+// Block b's 16 value bytes of a 4-bit row in ggml's order (gathered into tmp when interleaved).
+inline const uint8_t* q4_values(const Row32& r, int64_t b, uint8_t* tmp) {
+  if (b >= r.nb / kGroup * kGroup) return r.qs + 16 * b;
+  const uint8_t* g = r.qs + 16 * kGroup * (b / kGroup) + 4 * (b % kGroup);
+  for (int c = 0; c < 4; ++c) std::memcpy(tmp + 4 * c, g + 64 * c, 4);
+  return tmp;
+}
+
 void decode_row32_plain(QType t, const uint8_t* row, int64_t K, float* y) {
   const Row32 r = row32(t, row, K);
+  uint8_t tmp[16];
   for (int64_t b = 0; b < r.nb; ++b, y += 32) {
     const float d = half(r.d + 2 * b);
-    const uint8_t* q = r.qs + qbytes(t) * b;
+    const uint8_t* q = t == QType::Q8_0 ? r.qs + 32 * b : q4_values(r, b, tmp);
     if (t == QType::Q8_0) {
       const auto* s = reinterpret_cast<const int8_t*>(q);
       for (int i = 0; i < 32; ++i) y[i] = static_cast<float>(s[i]) * d;
@@ -171,6 +182,21 @@ float dot_plain(const float* x, const float* w, int64_t K) {
   for (int64_t k = 0; k < K; ++k) s += x[k] * w[k];
   return s;
 }
+
+#ifdef XLLM_X86
+#pragma GCC push_options
+#pragma GCC target("avx2")
+// q4_values in a register: four 4-byte loads from an interleaved group (no stores to forward)
+inline __m128i q4_values_xmm(const Row32& r, int64_t b) {
+  if (b >= r.nb / kGroup * kGroup)
+    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(r.qs + 16 * b));
+  const uint8_t* g = r.qs + 16 * kGroup * (b / kGroup) + 4 * (b % kGroup);
+  int32_t c[4];
+  for (int i = 0; i < 4; ++i) std::memcpy(c + i, g + 64 * i, 4);
+  return _mm_setr_epi32(c[0], c[1], c[2], c[3]);
+}
+#pragma GCC pop_options
+#endif
 
 // ---- AVX512 ----------------------------------------------------------------------------------
 #ifdef XLLM_X86
@@ -247,7 +273,7 @@ inline void fused_rows_512(const uint8_t* row, int64_t K, const float* x, int64_
     }
     auto block = [&](int64_t j, int slot) __attribute__((always_inline)) {
       const int64_t b = g + j;
-      const uint8_t* q = r.qs + qbytes(T) * b;
+      const uint8_t* q = r.qs + 32 * b;  // q8_0
       __m512 q0, q1;
       if constexpr (T == QType::Q8_0) {
         q0 = _mm512_cvtepi32_ps(
@@ -255,8 +281,7 @@ inline void fused_rows_512(const uint8_t* row, int64_t K, const float* x, int64_
         q1 = _mm512_cvtepi32_ps(
             _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
       } else {
-        const __m512i v =
-            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+        const __m512i v = _mm512_cvtepu8_epi32(q4_values_xmm(r, b));
         q0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, low4));
         q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
       }
@@ -319,34 +344,43 @@ bool fused_512(const Format& f, const uint8_t* row, int64_t K, const float* x, c
 // one of SmolLM2's outlier channels (|x| ~100x the row's rms) leaves its neighbours with a few
 // bits, and logits moved 7.6e-4 against 4e-6 with three (ggml's one int8 plane: ~1e-3).
 // vpdpbusd multiplies 64 weight nibbles (u8) with 64 activation bytes (s8) a time, four bytes
-// into each int32 lane. Four blocks a step (a "quad": one 64-byte load of their packed values):
-// its low nibbles are the blocks' values 0-15, its high nibbles values 16-31, so lanes 4b..4b+3
-// of both belong to block b and the two accumulate into the same lanes: t = ((dot(w, hi) << 8) +
-// dot(w, mid)) << 8 + dot(w, lo) over both halves (8 values a lane: |t| < 8 * 15 * 127 * 65793 <
-// 2^31), then one FMA by the blocks' d_w * s / 65536 (spread over their lanes by one permute).
-// Per 128 weights: 6 dot products, 2 shifts and 2 adds to join the digits, 3 ops to unpack, 3 to
-// scale, where two blocks a step took 12 per 64.
+// into each int32 lane.
+// A group of 16 blocks (the rows' interleaved layout, kernels/linear_q.py) takes four 64-byte
+// loads, "chunks": lane i of each holds 4 bytes of block i, its low nibbles 4 of the block's
+// values 0-15, its high nibbles 4 of 16-31. Every dot product of the group accumulates into
+// the lane of its block: 32 values a lane and digit, |sum| < 32 * 15 * 128 = 61440, so hm =
+// (dot(w, hi) << 8) + dot(w, mid) < 2^24 and dot(w, lo) convert to fp32 exactly, and two FMAs
+// scale them by the blocks' d_w * s / 256 and d_w * s / 65536. Per 512 weights: 24 dot products,
+// 12 ops to load and unpack, 6 to join and scale.
+// The last nb % 16 blocks go four at a time (a "quad": one 64-byte load of their packed values
+// in block order; lanes 4b..4b+3 belong to block b): t = ((dot(w, hi) << 8) + dot(w, mid)) << 8
+// + dot(w, lo) over 8 values a lane (|t| < 8 * 15 * 127 * 65793 < 2^31), one conversion, and
+// one FMA by the blocks' d_w * s / 65536 spread over their lanes by a permute.
 constexpr int kPlanes = 3;
 constexpr int64_t kQuadBytes = 2 * 64;  // a plane of a quad: values 0-15 of its four blocks, then 16-31
+// a group's planes: per chunk c, per digit, the 64 bytes its low nibbles meet, then its high
+constexpr int64_t kChunkBytes = kPlanes * 2 * 64;
+constexpr int64_t kGroupBytes = 4 * kChunkBytes;
 
 struct Planes {
-  std::vector<int8_t> q;     // [M][nquads][kPlanes][2][64]
+  std::vector<int8_t> q;     // [M][row]: the groups' [4][kPlanes][2][64], then the quads' [kPlanes][2][64]
   std::vector<float> scale;  // [M][nb]: s / 65536
-  int64_t nb = 0, nquads = 0;
+  int64_t nb = 0, ngroups = 0, nquads = 0, row = 0;
 };
 
-// The planes of M activation rows, in the quads' order.
+// The planes of M activation rows, in the kernel's order.
 void make_planes(const float* x, int64_t M, int64_t K, Planes& p) {
   p.nb = K / 32;
-  p.nquads = (p.nb + 3) / 4;
-  const int64_t stride = kPlanes * kQuadBytes;  // one quad of one row
-  p.q.resize(M * p.nquads * stride);
+  p.ngroups = p.nb / kGroup;
+  p.nquads = (p.nb % kGroup + 3) / 4;
+  p.row = p.ngroups * kGroupBytes + p.nquads * kPlanes * kQuadBytes;
+  p.q.resize(M * p.row);
   // 16 zeros past the end: a group's masked 16-lane loads then never reach past the buffer
   // (masked-off lanes past an allocation's end cost ~2.5x the whole kernel at K = 576)
   p.scale.assign(M * p.nb + kMaskPad, 0.f);
   if (p.nb % 4)  // a last quad's missing blocks read zeros
     for (int64_t m = 0; m < M; ++m)
-      std::memset(p.q.data() + (m * p.nquads + p.nquads - 1) * stride, 0, stride);
+      std::memset(p.q.data() + (m + 1) * p.row - kPlanes * kQuadBytes, 0, kPlanes * kQuadBytes);
   const __m512 sign = _mm512_set1_ps(-0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < p.nb; ++b) {
@@ -356,9 +390,13 @@ void make_planes(const float* x, int64_t M, int64_t K, Planes& p) {
           _mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
       const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
       p.scale[m * p.nb + b] = s / 65536.f;
-      int8_t* hi = p.q.data() + (m * p.nquads + b / 4) * stride + (b % 4) * 16;
-      int8_t* mid = hi + kQuadBytes;
-      int8_t* lo = mid + kQuadBytes;
+      // where digit 0's 16 values of half 0 go (4 bytes a chunk in a group, 16 in a quad)
+      const bool grouped = b < p.ngroups * kGroup;
+      int8_t* at = p.q.data() + m * p.row;
+      at += grouped ? b / kGroup * kGroupBytes + 4 * (b % kGroup)
+                    : p.ngroups * kGroupBytes + (b - p.ngroups * kGroup) / 4 * kPlanes * kQuadBytes +
+                          (b % 4) * 16;
+      const int64_t digit = grouped ? 2 * 64 : kQuadBytes;  // from one digit's plane to the next
       const __m512 vinv = _mm512_set1_ps(inv), k256 = _mm512_set1_ps(256.f);
       const __m512 halves[2] = {x0, x1};
       for (int h = 0; h < 2; ++h) {
@@ -375,10 +413,18 @@ void make_planes(const float* x, int64_t M, int64_t K, Planes& p) {
         const __m512i ih = _mm512_cvtps_epi32(vh), im = _mm512_cvtps_epi32(vm);
         const __m512i il = _mm512_cvtps_epi32(
             _mm512_min_ps(_mm512_max_ps(vl, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f)));
-        const int at = h * 64;
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at), _mm512_cvtsepi32_epi8(ih));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(mid + at), _mm512_cvtsepi32_epi8(im));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at), _mm512_cvtsepi32_epi8(il));
+        const __m128i digits[kPlanes] = {_mm512_cvtsepi32_epi8(ih), _mm512_cvtsepi32_epi8(im),
+                                         _mm512_cvtsepi32_epi8(il)};
+        for (int d = 0; d < kPlanes; ++d) {
+          int8_t* dst = at + d * digit + h * 64;
+          if (!grouped) {
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), digits[d]);
+            continue;
+          }
+          alignas(16) int8_t tmp[16];
+          _mm_store_si128(reinterpret_cast<__m128i*>(tmp), digits[d]);
+          for (int c = 0; c < 4; ++c) std::memcpy(dst + c * kChunkBytes, tmp + 4 * c, 4);
+        }
       }
     }
 }
@@ -410,23 +456,45 @@ inline __mmask16 first_n(int64_t n) {
   return n == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
 }
 
-// A quad's packed values (nblk blocks of 16 bytes; the missing ones read as zeros) as its low
-// and high nibbles.
+// 64 bytes of packed values (the first `bytes` of them; the rest read as zeros) as their low and
+// high nibbles.
 struct Nibbles {
   __m512i lo, hi;
 };
 
 // With GFNI (GF) the high nibbles take one affine byte transform (result bit i = input bit i + 4)
-// instead of a shift and a mask: 15 vector ops a quad instead of 16.
+// instead of a shift and a mask.
 template <bool GF>
-inline Nibbles quad_nibbles(const uint8_t* q, int64_t nblk) {
-  const __m512i v = nblk == 4 ? _mm512_loadu_si512(q)
-                              : _mm512_maskz_loadu_epi8((__mmask64(1) << (16 * nblk)) - 1, q);
+inline Nibbles nibbles(const uint8_t* q, int64_t bytes = 64) {
+  const __m512i v = bytes == 64 ? _mm512_loadu_si512(q)
+                                : _mm512_maskz_loadu_epi8((__mmask64(1) << bytes) - 1, q);
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   if constexpr (GF)
     return {_mm512_and_si512(v, low4),
             _mm512_gf2p8affine_epi64_epi8(v, _mm512_set1_epi64(0x1020408000000000LL), 0)};
   return {_mm512_and_si512(v, low4), _mm512_and_si512(_mm512_srli_epi16(v, 4), low4)};
+}
+
+// A group's three digit sums, lane i = block i.
+struct Digits {
+  __m512i h, m, l;
+};
+
+// One chunk's dot products with one activation row's planes at `pc` (the chunk's).
+inline void chunk_dot(Digits& a, const Nibbles& w, const int8_t* pc) {
+  a.h = _mm512_dpbusd_epi32(a.h, w.lo, _mm512_loadu_si512(pc));
+  a.m = _mm512_dpbusd_epi32(a.m, w.lo, _mm512_loadu_si512(pc + 128));
+  a.l = _mm512_dpbusd_epi32(a.l, w.lo, _mm512_loadu_si512(pc + 256));
+  a.h = _mm512_dpbusd_epi32(a.h, w.hi, _mm512_loadu_si512(pc + 64));
+  a.m = _mm512_dpbusd_epi32(a.m, w.hi, _mm512_loadu_si512(pc + 192));
+  a.l = _mm512_dpbusd_epi32(a.l, w.hi, _mm512_loadu_si512(pc + 320));
+}
+
+// acc + the group's sums scaled: hm = (h << 8) + m by d_w * s / 256 (cv * 256), l by cv.
+inline __m512 group_scaled(const Digits& a, __m512 cv, __m512 acc) {
+  const __m512i hm = _mm512_add_epi32(_mm512_slli_epi32(a.h, 8), a.m);
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hm), _mm512_mul_ps(cv, _mm512_set1_ps(256.f)), acc);
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a.l), cv, acc);
 }
 
 // The quad's three-digit integer dot products with one activation row's planes at `pq`: each
@@ -442,9 +510,22 @@ inline __m512i quad_dot(const Nibbles& w, const int8_t* pq) {
   return _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(_mm512_slli_epi32(h, 8), m), 8), l);
 }
 
-// y[m] = x[m0 + m] . row for MB activation rows over one weight row. Per group of 16 blocks: the
-// offsets (q4_1 + m * sum(x), q4_0 - 8 d * sum(x)) in one FMA, then a quad at a time its dot
-// products scaled into the same accumulator (vnni_4x1 does the same per row, in the same order).
+// A group's (or the tail's) weight scales times the activation scales: cv = d_w * s / 65536;
+// acc gets the offsets (q4_1 + m * sum(x), q4_0 - 8 d * sum(x)) in one FMA.
+template <QType T>
+inline __m512 group_scales(const Row32& r, int64_t g, __mmask16 mask, __m512 sv, __m512 xs,
+                           __m512& acc) {
+  const __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, r.d + 2 * g));
+  const __m512 ov = T == QType::Q4_1
+                        ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, r.m + 2 * g))
+                        : _mm512_mul_ps(dv, _mm512_set1_ps(-8.f));
+  acc = _mm512_fmadd_ps(ov, xs, acc);
+  return _mm512_mul_ps(dv, sv);
+}
+
+// y[m] = x[m0 + m] . row for MB activation rows over one weight row: per group the offsets, then
+// its four chunks' dot products, then its two scaled sums; the tail's quads after (vnni_4x1
+// does the same per row, in the same order).
 template <QType T, bool GF, int MB>
 inline void vnni_rows(const uint8_t* row, int64_t K, const Planes& P, int64_t m0,
                       const float* sums, float* y) {
@@ -453,26 +534,41 @@ inline void vnni_rows(const uint8_t* row, int64_t K, const Planes& P, int64_t m0
   __m512 acc[MB], cv[MB];
 #pragma GCC unroll 4
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < nb; g += 16) {
-    const int64_t n = std::min<int64_t>(16, nb - g);
-    const __mmask16 mask = first_n(n);
-    const __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, r.d + 2 * g));
-    const __m512 ov = T == QType::Q4_1
-                          ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, r.m + 2 * g))
-                          : _mm512_mul_ps(dv, _mm512_set1_ps(-8.f));
+  const int8_t* pm[MB];  // each activation row's planes
+#pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m) pm[m] = P.q.data() + (m0 + m) * P.row;
+  for (int64_t gi = 0; gi < P.ngroups; ++gi) {
+    const int64_t g = gi * kGroup;
+    Digits a[MB];
 #pragma GCC unroll 4
     for (int m = 0; m < MB; ++m) {
-      cv[m] = _mm512_mul_ps(dv, _mm512_maskz_loadu_ps(mask, P.scale.data() + (m0 + m) * nb + g));
-      acc[m] = _mm512_fmadd_ps(ov, _mm512_maskz_loadu_ps(mask, sums + (m0 + m) * nb + g), acc[m]);
+      cv[m] = group_scales<T>(r, g, 0xFFFF, _mm512_loadu_ps(P.scale.data() + (m0 + m) * nb + g),
+                              _mm512_loadu_ps(sums + (m0 + m) * nb + g), acc[m]);
+      a[m].h = a[m].m = a[m].l = _mm512_setzero_si512();
     }
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const Nibbles w = nibbles<GF>(r.qs + 16 * g + 64 * c);
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) chunk_dot(a[m], w, pm[m] + gi * kGroupBytes + c * kChunkBytes);
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) acc[m] = group_scaled(a[m], cv[m], acc[m]);
+  }
+  if (const int64_t g = P.ngroups * kGroup; g < nb) {  // the tail, a quad at a time
+    const int64_t n = nb - g;
+    const __mmask16 mask = first_n(n);
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m)
+      cv[m] = group_scales<T>(r, g, mask, _mm512_maskz_loadu_ps(mask, P.scale.data() + (m0 + m) * nb + g),
+                              _mm512_maskz_loadu_ps(mask, sums + (m0 + m) * nb + g), acc[m]);
     for (int64_t j = 0; j < n; j += 4) {
-      const Nibbles w = quad_nibbles<GF>(r.qs + 16 * (g + j), std::min<int64_t>(4, n - j));
+      const Nibbles w = nibbles<GF>(r.qs + 16 * (g + j), 16 * std::min<int64_t>(4, n - j));
       const __m512i idx = _mm512_load_si512(kQuadIdx[j / 4]);
-      const int64_t quad = (g + j) / 4;
+      const int64_t at = P.ngroups * kGroupBytes + j / 4 * kPlanes * kQuadBytes;
 #pragma GCC unroll 4
       for (int m = 0; m < MB; ++m) {
-        const __m512i t = quad_dot(
-            w, P.q.data() + ((m0 + m) * P.nquads + quad) * kPlanes * kQuadBytes);
+        const __m512i t = quad_dot(w, pm[m] + at);
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(idx, cv[m]), acc[m]);
       }
     }
@@ -492,31 +588,41 @@ inline void vnni_4x1(const uint8_t* w, int64_t row_bytes, int64_t K, const Plane
 #pragma GCC unroll 4
   for (int i = 0; i < R; ++i) r[i] = row32(T, w + i * row_bytes, K);
   const int64_t nb = r[0].nb;
-  __m512 acc[R];
+  __m512 acc[R], cv[R];
 #pragma GCC unroll 4
   for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < nb; g += 16) {
-    const int64_t n = std::min<int64_t>(16, nb - g);
+  for (int64_t gi = 0; gi < P.ngroups; ++gi) {
+    const int64_t g = gi * kGroup;
+    const __m512 sv = _mm512_loadu_ps(P.scale.data() + g), xs = _mm512_loadu_ps(sums + g);
+    Digits a[R];
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      cv[i] = group_scales<T>(r[i], g, 0xFFFF, sv, xs, acc[i]);
+      a[i].h = a[i].m = a[i].l = _mm512_setzero_si512();
+    }
+    const int8_t* pg = P.q.data() + gi * kGroupBytes;  // shared by the four
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c)
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i)
+        chunk_dot(a[i], nibbles<GF>(r[i].qs + 16 * g + 64 * c), pg + c * kChunkBytes);
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) acc[i] = group_scaled(a[i], cv[i], acc[i]);
+  }
+  if (const int64_t g = P.ngroups * kGroup; g < nb) {
+    const int64_t n = nb - g;
     const __mmask16 mask = first_n(n);
     const __m512 sv = _mm512_maskz_loadu_ps(mask, P.scale.data() + g);
     const __m512 xs = _mm512_maskz_loadu_ps(mask, sums + g);
-    __m512 cv[R];
 #pragma GCC unroll 4
-    for (int i = 0; i < R; ++i) {
-      const __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, r[i].d + 2 * g));
-      const __m512 ov = T == QType::Q4_1
-                            ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, r[i].m + 2 * g))
-                            : _mm512_mul_ps(dv, _mm512_set1_ps(-8.f));
-      cv[i] = _mm512_mul_ps(dv, sv);
-      acc[i] = _mm512_fmadd_ps(ov, xs, acc[i]);  // the offsets, in the same accumulator
-    }
+    for (int i = 0; i < R; ++i) cv[i] = group_scales<T>(r[i], g, mask, sv, xs, acc[i]);
     for (int64_t j = 0; j < n; j += 4) {
-      const int64_t nblk = std::min<int64_t>(4, n - j);
-      const int8_t* pq = P.q.data() + (g + j) / 4 * kPlanes * kQuadBytes;  // shared by the four
+      const int64_t bytes = 16 * std::min<int64_t>(4, n - j);
+      const int8_t* pq = P.q.data() + P.ngroups * kGroupBytes + j / 4 * kPlanes * kQuadBytes;
       const __m512i idx = _mm512_load_si512(kQuadIdx[j / 4]);
 #pragma GCC unroll 4
       for (int i = 0; i < R; ++i) {
-        const __m512i t = quad_dot(quad_nibbles<GF>(r[i].qs + 16 * (g + j), nblk), pq);
+        const __m512i t = quad_dot(nibbles<GF>(r[i].qs + 16 * (g + j), bytes), pq);
         acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(idx, cv[i]), acc[i]);
       }
     }
@@ -566,7 +672,7 @@ void decode_row_256(const Format& f, const uint8_t* row, int64_t K, float* y) {
   const __m128i mask = _mm_set1_epi8(0x0F);
   for (int64_t b = 0; b < r.nb; ++b, y += 32) {
     const __m256 d = _mm256_set1_ps(half_f16c2(r.d + 2 * b));
-    const uint8_t* q = r.qs + qbytes(f.type) * b;
+    const uint8_t* q = r.qs + 32 * b;  // q8_0
     if (f.type == QType::Q8_0) {
       for (int i = 0; i < 4; ++i) {
         const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i));
@@ -574,7 +680,7 @@ void decode_row_256(const Format& f, const uint8_t* row, int64_t K, float* y) {
       }
       continue;
     }
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    const __m128i v = q4_values_xmm(r, b);
     const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
     const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
     for (int i = 0; i < 4; ++i) {

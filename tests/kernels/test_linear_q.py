@@ -172,11 +172,16 @@ def test_gfni_unpacking_is_bit_for_bit_the_shift_and_mask():
 
 
 @pytest.mark.skipif(ensure_loaded() is not None, reason="no C++ kernels on this machine")
-@pytest.mark.parametrize("capability", ["avx2", "default"])
+@pytest.mark.parametrize("capability", ["avx2", "default", "avx512"])
 def test_lower_isa_paths(capability):
-    """ATEN_CPU_CAPABILITY=avx2 runs the AVX2 decoders, =default the plain C++ ones."""
-    if capability == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    """ATEN_CPU_CAPABILITY=avx2 runs the AVX2 decoders, =default the plain C++ ones; on AVX512,
+    XLLM_QUANT_ACTIVATIONS=fp32 the blocks decoded in registers without VNNI (an AVX512 CPU
+    without it runs that path)."""
+    have = torch.backends.cpu.get_cpu_capability()
+    if capability == "avx2" and have not in ("AVX2", "AVX512"):
         pytest.skip("this CPU has no AVX2")
+    if capability == "avx512" and have != "AVX512":
+        pytest.skip("this CPU has no AVX512")
     script = textwrap.dedent(
         """
         import torch, sys
@@ -184,13 +189,13 @@ def test_lower_isa_paths(capability):
         from test_linear_q import FORMATS, SHAPES, _check_kernel
         assert torch.backends.cpu.get_cpu_capability() == sys.argv[2].upper(), sys.argv[2]
         for qtype in FORMATS:
-            for n, k in SHAPES[FORMATS[qtype][0]][:3]:
+            for n, k in SHAPES[FORMATS[qtype][0]][:4]:
                 for rows in (1, 3, 5, 17):
                     _check_kernel(qtype, n, k, rows, torch.float32, bias=True)
         print("ok")
         """
     )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "XLLM_QUANT_ACTIVATIONS": "fp32"}
     here = os.path.dirname(__file__)
     proc = subprocess.run(
         [sys.executable, "-c", script, here, capability],
