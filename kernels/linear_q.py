@@ -16,13 +16,13 @@ The numbers are ggml's blocks (a GGUF file's bytes; fp16 numbers little-endian):
 
 Row layout. q4_k and q6_k rows are their blocks one after the other, as in the GGUF. q8_0, q4_0
 and q4_1 rows hold the same bytes regrouped (`regroup` / `ungroup`, lossless): the row's nb
-block scales d (fp16), then its nb mins m (q4_1 only), then the blocks' values (32 bytes
-q8_0, 16 bytes 4-bit). q8_0's values are in block order. The 4-bit values come in groups of
-16 blocks (256 bytes), interleaved 4 bytes at a time: byte 64 c + 4 i + k of a group is byte
-4 c + k of its block i (c, k < 4, i < 16), so each 4-byte lane of a 64-byte load belongs to one
-block and a kernel sums a block's dot product in one int32 lane (kernels/cpu/xllm_linear_q.cpp);
-the last nb % 16 blocks follow in block order. The kernel then converts 16 scales with one
-instruction and streams the values without stepping over 2-4 scale bytes every 16-32 bytes.
+block scales d (fp16), then its nb mins m (q4_1 only), then the blocks' values (32 bytes q8_0,
+16 bytes 4-bit) in groups of 16 blocks interleaved 4 bytes at a time: byte 64 c + 4 i + k of a
+group is byte 4 c + k of its block i (i < 16, k < 4; c < 8 for q8_0, c < 4 for 4-bit), so each
+4-byte lane of a 64-byte load belongs to one block and a kernel sums a block's dot product in
+one int32 lane (kernels/cpu/xllm_linear_q.cpp). The last nb % 16 blocks follow in block order.
+The kernel then converts 16 scales with one instruction and streams the values without stepping
+over 2-4 scale bytes every 16-32 bytes.
 
 `dequantize` is the reference (torch, the arithmetic of ggml's dequantize_row_* and of
 transformers' GGUF loader); `quantize` writes q8_0 / q4_0 / q4_1 rows from a float weight the
@@ -75,16 +75,16 @@ def _scale_bytes(qtype: str) -> int:
     return 4 if qtype == "q4_1" else 2
 
 
-GROUP = 16  # 4-bit blocks a group of interleaved values holds
+GROUP = 16  # blocks a group of interleaved values holds
 
 
 def _interleave(values: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """4-bit values [N, nb, 16] in block order <-> the kernel's order (see above), flattened."""
-    n, nb = values.shape[0], values.shape[1]
+    """Block values [N, nb, vb] in block order <-> the kernel's order (see above), flattened."""
+    n, nb, vb = values.shape
     full = nb // GROUP * GROUP
-    head = values[:, :full].reshape(n, nb // GROUP, GROUP, 4, 4)  # [n, g, block i, c, k]
+    head = values[:, :full].reshape(n, nb // GROUP, GROUP, vb // 4, 4)  # [n, g, block i, c, k]
     if inverse:  # the stored bytes read as [n, g, c, i, k]
-        head = head.reshape(n, nb // GROUP, 4, GROUP, 4)
+        head = head.reshape(n, nb // GROUP, vb // 4, GROUP, 4)
     head = head.transpose(2, 3).reshape(n, -1)
     return torch.cat([head, values[:, full:].reshape(n, -1)], 1)
 
@@ -96,9 +96,7 @@ def regroup(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     n, nbytes, head = blocks.shape[0], FORMATS[qtype][1], _scale_bytes(qtype)
     b = blocks.reshape(n, -1, nbytes)
     scales = b[..., :head].reshape(n, -1, head // 2, 2).transpose(1, 2).reshape(n, -1)
-    values = b[..., head:]
-    values = values.reshape(n, -1) if qtype == "q8_0" else _interleave(values)
-    return torch.cat([scales, values], 1).contiguous()
+    return torch.cat([scales, _interleave(b[..., head:])], 1).contiguous()
 
 
 def ungroup(qweight: torch.Tensor, qtype: str) -> torch.Tensor:
@@ -109,8 +107,7 @@ def ungroup(qweight: torch.Tensor, qtype: str) -> torch.Tensor:
     nb = qweight.shape[1] // nbytes
     scales = qweight[:, : nb * head].reshape(n, head // 2, nb, 2).transpose(1, 2)
     values = qweight[:, nb * head :].reshape(n, nb, nbytes - head)
-    if qtype != "q8_0":
-        values = _interleave(values, inverse=True).reshape(n, nb, nbytes - head)
+    values = _interleave(values, inverse=True).reshape(n, nb, nbytes - head)
     return torch.cat([scales.reshape(n, nb, head), values], -1).reshape(n, -1).contiguous()
 
 

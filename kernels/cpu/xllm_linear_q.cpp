@@ -5,12 +5,12 @@
 // in runs of consecutive rows (one forward stream per thread, kPrefetchBytes prefetched ahead).
 //
 // Paths, by at::get_cpu_capability() (ATEN_CPU_CAPABILITY=avx2|default forces the lower ones):
-//   AVX512-VNNI, q4_0 / q4_1: integer dot products (vpdpbusd, 64 nibbles a time) on activations
-//     quantized once a call to three int8 planes a block of 32 (~24 bits: the reference's numbers
-//     to ~1e-6 relative; ggml's one int8 plane moves logits ~1e-3, two planes flipped a greedy
-//     token of SmolLM2). XLLM_QUANT_ACTIVATIONS=fp32 turns it off.
-//   AVX512, q8_0 / q4_0 / q4_1 (and VNNI's q8_0): each block decoded in registers (16 scales
-//     converted at once) and multiplied in fp32: d * (x . q) plus the offsets per row.
+//   AVX512-VNNI, q8_0 / q4_0 / q4_1: integer dot products (vpdpbusd, 64 weights a time) on
+//     activations quantized once a call to three int8 planes a block of 32 (~24 bits: the
+//     reference's numbers to ~1e-6 relative; ggml's one int8 plane moves logits ~1e-3, two planes
+//     flipped a greedy token of SmolLM2). XLLM_QUANT_ACTIVATIONS=fp32 turns it off.
+//   AVX512, q8_0 / q4_0 / q4_1: each block decoded in registers (16 scales converted at once)
+//     and multiplied in fp32: d * (x . q) plus the offsets per row.
 //   AVX2+FMA, and the K-quants everywhere: a row decoded into fp32 in L1, then an fp32 dot.
 //   plain C++ elsewhere.
 // A row's result never depends on the other rows of the call (same instructions per row), so
@@ -90,24 +90,38 @@ inline Row32 row32(QType t, const uint8_t* row, int64_t K) {
   return {row, m, row + (t == QType::Q4_1 ? 4 : 2) * nb, nb};
 }
 
-// 4-bit values come in groups of kGroup blocks interleaved 4 bytes at a time (byte 64 c + 4 i + k
+// A row's values come in groups of kGroup blocks interleaved 4 bytes at a time (byte 64 c + 4 i + k
 // of a group is byte 4 c + k of its block i), the last nb % kGroup blocks in block order.
 constexpr int64_t kGroup = 16;
 
-// Block b's 16 value bytes of a 4-bit row in ggml's order (gathered into tmp when interleaved).
-inline const uint8_t* q4_values(const Row32& r, int64_t b, uint8_t* tmp) {
-  if (b >= r.nb / kGroup * kGroup) return r.qs + 16 * b;
-  const uint8_t* g = r.qs + 16 * kGroup * (b / kGroup) + 4 * (b % kGroup);
-  for (int c = 0; c < 4; ++c) std::memcpy(tmp + 4 * c, g + 64 * c, 4);
+inline int64_t value_bytes(QType t) { return t == QType::Q8_0 ? 32 : 16; }
+
+// Where block b's values start, and the step from one of its 4-byte pieces to the next.
+struct Values {
+  const uint8_t* at;
+  int64_t step;
+};
+
+inline Values values_of(QType t, const Row32& r, int64_t b) {
+  const int64_t vb = value_bytes(t);
+  if (b >= r.nb / kGroup * kGroup) return {r.qs + vb * b, 4};
+  return {r.qs + vb * kGroup * (b / kGroup) + 4 * (b % kGroup), 64};
+}
+
+// Block b's value bytes in ggml's order (gathered into tmp when interleaved).
+inline const uint8_t* block_values(QType t, const Row32& r, int64_t b, uint8_t* tmp) {
+  const Values v = values_of(t, r, b);
+  if (v.step == 4) return v.at;
+  for (int64_t c = 0; c < value_bytes(t) / 4; ++c) std::memcpy(tmp + 4 * c, v.at + 64 * c, 4);
   return tmp;
 }
 
 void decode_row32_plain(QType t, const uint8_t* row, int64_t K, float* y) {
   const Row32 r = row32(t, row, K);
-  uint8_t tmp[16];
+  uint8_t tmp[32];
   for (int64_t b = 0; b < r.nb; ++b, y += 32) {
     const float d = half(r.d + 2 * b);
-    const uint8_t* q = t == QType::Q8_0 ? r.qs + 32 * b : q4_values(r, b, tmp);
+    const uint8_t* q = block_values(t, r, b, tmp);
     if (t == QType::Q8_0) {
       const auto* s = reinterpret_cast<const int8_t*>(q);
       for (int i = 0; i < 32; ++i) y[i] = static_cast<float>(s[i]) * d;
@@ -186,13 +200,14 @@ float dot_plain(const float* x, const float* w, int64_t K) {
 #ifdef XLLM_X86
 #pragma GCC push_options
 #pragma GCC target("avx2")
-// q4_values in a register: four 4-byte loads from an interleaved group (no stores to forward)
-inline __m128i q4_values_xmm(const Row32& r, int64_t b) {
-  if (b >= r.nb / kGroup * kGroup)
-    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(r.qs + 16 * b));
-  const uint8_t* g = r.qs + 16 * kGroup * (b / kGroup) + 4 * (b % kGroup);
+// Bytes 16 h .. 16 h + 15 of block b's values in a register: four 4-byte loads from an
+// interleaved group (no stores to forward).
+inline __m128i values_xmm(QType t, const Row32& r, int64_t b, int h = 0) {
+  const Values v = values_of(t, r, b);
+  const uint8_t* p = v.at + 4 * v.step * h;
+  if (v.step == 4) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   int32_t c[4];
-  for (int i = 0; i < 4; ++i) std::memcpy(c + i, g + 64 * i, 4);
+  for (int i = 0; i < 4; ++i) std::memcpy(c + i, p + 64 * i, 4);
   return _mm_setr_epi32(c[0], c[1], c[2], c[3]);
 }
 #pragma GCC pop_options
@@ -273,15 +288,12 @@ inline void fused_rows_512(const uint8_t* row, int64_t K, const float* x, int64_
     }
     auto block = [&](int64_t j, int slot) __attribute__((always_inline)) {
       const int64_t b = g + j;
-      const uint8_t* q = r.qs + 32 * b;  // q8_0
       __m512 q0, q1;
       if constexpr (T == QType::Q8_0) {
-        q0 = _mm512_cvtepi32_ps(
-            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
-        q1 = _mm512_cvtepi32_ps(
-            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
+        q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(values_xmm(T, r, b, 0)));
+        q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(values_xmm(T, r, b, 1)));
       } else {
-        const __m512i v = _mm512_cvtepu8_epi32(q4_values_xmm(r, b));
+        const __m512i v = _mm512_cvtepu8_epi32(values_xmm(T, r, b));
         q0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, low4));
         q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
       }
@@ -337,50 +349,57 @@ bool fused_512(const Format& f, const uint8_t* row, int64_t K, const float* x, c
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,gfni,avx2,fma,f16c")
 
-// ---- AVX512-VNNI, 4-bit weights: integer dot products on activations kept to ~24 bits ------
+// ---- AVX512-VNNI: integer dot products on activations kept to ~24 bits ---------------------
 // Each activation row is quantized once a call, per block of 32, to three int8 digits: s = amax /
 // 127, hi = round(x / s), mid = round((x / s - hi) * 256), lo = the next 8 bits, so x = s * (hi +
 // mid / 256 + lo / 65536). Two digits (16 bits) are not enough on real models: a block holding
 // one of SmolLM2's outlier channels (|x| ~100x the row's rms) leaves its neighbours with a few
 // bits, and logits moved 7.6e-4 against 4e-6 with three (ggml's one int8 plane: ~1e-3).
-// vpdpbusd multiplies 64 weight nibbles (u8) with 64 activation bytes (s8) a time, four bytes
-// into each int32 lane.
-// A group of 16 blocks (the rows' interleaved layout, kernels/linear_q.py) takes four 64-byte
-// loads, "chunks": lane i of each holds 4 bytes of block i, its low nibbles 4 of the block's
-// values 0-15, its high nibbles 4 of 16-31. Every dot product of the group accumulates into
-// the lane of its block: 32 values a lane and digit, |sum| < 32 * 15 * 128 = 61440, so hm =
-// (dot(w, hi) << 8) + dot(w, mid) < 2^24 and dot(w, lo) convert to fp32 exactly, and two FMAs
-// scale them by the blocks' d_w * s / 256 and d_w * s / 65536. Per 512 weights: 24 dot products,
-// 12 ops to load and unpack, 6 to join and scale.
-// The last nb % 16 blocks go four at a time (a "quad": one 64-byte load of their packed values
-// in block order; lanes 4b..4b+3 belong to block b): t = ((dot(w, hi) << 8) + dot(w, mid)) << 8
-// + dot(w, lo) over 8 values a lane (|t| < 8 * 15 * 127 * 65793 < 2^31), one conversion, and
-// one FMA by the blocks' d_w * s / 65536 spread over their lanes by a permute.
+// vpdpbusd multiplies 64 unsigned weight bytes with 64 activation digits (s8), four products
+// into each int32 lane: 4-bit values as they are (q4_0's -8 and q4_1's min come in the offsets),
+// q8_0's as q + 128 (one xor), the 128 * sum(digits) this adds taken off by starting the sums
+// at -128 * sum(digits) (`Planes::corr`): the integer sums are exact.
+// A group of 16 blocks (the rows' interleaved layout, kernels/linear_q.py) takes 64-byte loads,
+// "chunks": lane i of each holds 4 bytes of block i (4-bit: its low nibbles 4 of the block's
+// values 0-15, its high nibbles 4 of 16-31). Every dot product of the group accumulates into the
+// lane of its block: 32 values a lane and digit, |sum| <= 32 * 15 * 128 (4-bit) or 32 * 128 *
+// 128 (q8_0), then hm = (dot(w, hi) << 8) + dot(w, mid) and dot(w, lo) are converted (hm exactly
+// below 2^24, q8_0's to fp32's 24 bits) and two FMAs scale them by the blocks' d_w * s / 256 and
+// d_w * s / 65536. Per 512 weights: 24 dot products, 12 ops to load and unpack 4-bit values (16
+// for q8_0), 6 to join and scale.
+// The last nb % 16 blocks go four at a time for 4-bit weights (a "quad": one 64-byte load of
+// their packed values in block order, lanes 4b..4b+3 = block b: t = ((h << 8) + m) << 8 + l
+// over 8 values a lane, |t| < 8 * 15 * 127 * 65793 < 2^31, one conversion, one FMA), two at a
+// time for q8_0 (a "pair", lanes 8b..8b+7 = block b, joined as a group); their scales spread
+// over their lanes by a permute.
 constexpr int kPlanes = 3;
+// a group's planes: per chunk c (q8_0's 0-7; 4-bit chunk c's low nibbles meet chunk c, its high
+// ones chunk c + 4), per digit, 64 bytes
+constexpr int64_t kChunkBytes = kPlanes * 64;
+constexpr int64_t kGroupBytes = 8 * kChunkBytes;
 constexpr int64_t kQuadBytes = 2 * 64;  // a plane of a quad: values 0-15 of its four blocks, then 16-31
-// a group's planes: per chunk c, per digit, the 64 bytes its low nibbles meet, then its high
-constexpr int64_t kChunkBytes = kPlanes * 2 * 64;
-constexpr int64_t kGroupBytes = 4 * kChunkBytes;
+constexpr int64_t kTailBytes = kPlanes * 2 * 64;  // a quad's planes, or a pair's two blocks'
 
 struct Planes {
-  std::vector<int8_t> q;     // [M][row]: the groups' [4][kPlanes][2][64], then the quads' [kPlanes][2][64]
-  std::vector<float> scale;  // [M][nb]: s / 65536
-  int64_t nb = 0, ngroups = 0, nquads = 0, row = 0;
+  std::vector<int8_t> q;      // [M][row]: the groups' [8][kPlanes][64], then the tail's units
+  std::vector<float> scale;   // [M][nb]: s / 65536
+  std::vector<int32_t> corr;  // q8_0: [M][ngroups + units][kPlanes][16]: -128 * sum(digits) a lane
+  int64_t nb = 0, ngroups = 0, units = 0, row = 0;
 };
 
-// The planes of M activation rows, in the kernel's order.
-void make_planes(const float* x, int64_t M, int64_t K, Planes& p) {
+// The planes of M activation rows, in the kernel's order (q8: for q8_0 weights).
+void make_planes(const float* x, int64_t M, int64_t K, bool q8, Planes& p) {
   p.nb = K / 32;
   p.ngroups = p.nb / kGroup;
-  p.nquads = (p.nb % kGroup + 3) / 4;
-  p.row = p.ngroups * kGroupBytes + p.nquads * kPlanes * kQuadBytes;
+  const int64_t tail = p.nb % kGroup, per_unit = q8 ? 2 : 4;
+  p.units = (tail + per_unit - 1) / per_unit;
+  p.row = p.ngroups * kGroupBytes + p.units * kTailBytes;
   p.q.resize(M * p.row);
   // 16 zeros past the end: a group's masked 16-lane loads then never reach past the buffer
   // (masked-off lanes past an allocation's end cost ~2.5x the whole kernel at K = 576)
   p.scale.assign(M * p.nb + kMaskPad, 0.f);
-  if (p.nb % 4)  // a last quad's missing blocks read zeros
-    for (int64_t m = 0; m < M; ++m)
-      std::memset(p.q.data() + (m + 1) * p.row - kPlanes * kQuadBytes, 0, kPlanes * kQuadBytes);
+  for (int64_t m = 0; m < M; ++m)  // a last unit's missing blocks read zeros
+    std::memset(p.q.data() + m * p.row + p.ngroups * kGroupBytes, 0, p.units * kTailBytes);
   const __m512 sign = _mm512_set1_ps(-0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < p.nb; ++b) {
@@ -390,13 +409,13 @@ void make_planes(const float* x, int64_t M, int64_t K, Planes& p) {
           _mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
       const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
       p.scale[m * p.nb + b] = s / 65536.f;
-      // where digit 0's 16 values of half 0 go (4 bytes a chunk in a group, 16 in a quad)
+      // where digit 0 of values 0-15 goes: 4 bytes a chunk in a group, 16 in the tail's units
       const bool grouped = b < p.ngroups * kGroup;
+      const int64_t t = b - p.ngroups * kGroup;
       int8_t* at = p.q.data() + m * p.row;
       at += grouped ? b / kGroup * kGroupBytes + 4 * (b % kGroup)
-                    : p.ngroups * kGroupBytes + (b - p.ngroups * kGroup) / 4 * kPlanes * kQuadBytes +
-                          (b % 4) * 16;
-      const int64_t digit = grouped ? 2 * 64 : kQuadBytes;  // from one digit's plane to the next
+            : q8    ? p.ngroups * kGroupBytes + t / 2 * kTailBytes + t % 2 * 32
+                    : p.ngroups * kGroupBytes + t / 4 * kTailBytes + t % 4 * 16;
       const __m512 vinv = _mm512_set1_ps(inv), k256 = _mm512_set1_ps(256.f);
       const __m512 halves[2] = {x0, x1};
       for (int h = 0; h < 2; ++h) {
@@ -416,26 +435,52 @@ void make_planes(const float* x, int64_t M, int64_t K, Planes& p) {
         const __m128i digits[kPlanes] = {_mm512_cvtsepi32_epi8(ih), _mm512_cvtsepi32_epi8(im),
                                          _mm512_cvtsepi32_epi8(il)};
         for (int d = 0; d < kPlanes; ++d) {
-          int8_t* dst = at + d * digit + h * 64;
-          if (!grouped) {
+          if (!grouped) {  // a quad's digit planes are 128 bytes apart, a pair's 64
+            int8_t* dst = at + (q8 ? d * 64 + h * 16 : d * kQuadBytes + h * 64);
             _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), digits[d]);
             continue;
           }
           alignas(16) int8_t tmp[16];
           _mm_store_si128(reinterpret_cast<__m128i*>(tmp), digits[d]);
-          for (int c = 0; c < 4; ++c) std::memcpy(dst + c * kChunkBytes, tmp + 4 * c, 4);
+          for (int c = 0; c < 4; ++c)
+            std::memcpy(at + (4 * h + c) * kChunkBytes + d * 64, tmp + 4 * c, 4);
         }
+      }
+    }
+  if (!q8) return;
+  // -128 * each lane's digit sum: one dot product with ones per chunk and digit
+  const int64_t units = p.ngroups + p.units;
+  p.corr.resize(M * units * kPlanes * 16);
+  const __m512i ones = _mm512_set1_epi8(1), zero = _mm512_setzero_si512();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t u = 0; u < units; ++u) {
+      const bool grouped = u < p.ngroups;
+      const int8_t* pu = p.q.data() + m * p.row +
+                         (grouped ? u * kGroupBytes : p.ngroups * kGroupBytes + (u - p.ngroups) * kTailBytes);
+      for (int d = 0; d < kPlanes; ++d) {
+        __m512i sum = zero;
+        for (int c = 0; c < (grouped ? 8 : 1); ++c)
+          sum = _mm512_dpbusd_epi32(sum, ones, _mm512_loadu_si512(pu + c * kChunkBytes + d * 64));
+        _mm512_storeu_si512(p.corr.data() + ((m * units + u) * kPlanes + d) * 16,
+                            _mm512_sub_epi32(zero, _mm512_slli_epi32(sum, 7)));
       }
     }
 }
 
-// Lane l of a quad belongs to block l / 4 of it: the permutation spreading a group's 16 scales
-// over quad q's lanes.
+// Lane l of a quad belongs to block l / 4 of it, of a pair to block l / 8: the permutations
+// spreading a group's 16 scales over unit j's lanes.
 alignas(64) static const int32_t kQuadIdx[4][16] = {
 #define XLLM_QUAD(q) {4 * q, 4 * q, 4 * q, 4 * q, 4 * q + 1, 4 * q + 1, 4 * q + 1, 4 * q + 1, \
                       4 * q + 2, 4 * q + 2, 4 * q + 2, 4 * q + 2, 4 * q + 3, 4 * q + 3, 4 * q + 3, 4 * q + 3}
     XLLM_QUAD(0), XLLM_QUAD(1), XLLM_QUAD(2), XLLM_QUAD(3),
 #undef XLLM_QUAD
+};
+alignas(64) static const int32_t kPairIdx[8][16] = {
+#define XLLM_PAIR(j) {2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, \
+                      2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1}
+    XLLM_PAIR(0), XLLM_PAIR(1), XLLM_PAIR(2), XLLM_PAIR(3),
+    XLLM_PAIR(4), XLLM_PAIR(5), XLLM_PAIR(6), XLLM_PAIR(7),
+#undef XLLM_PAIR
 };
 
 // A zmm's horizontal sum in the order vnni_4x1 sums its four (a row's result must not depend
@@ -456,6 +501,10 @@ inline __mmask16 first_n(int64_t n) {
   return n == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
 }
 
+inline __m512i load_first(const uint8_t* q, int64_t bytes) {
+  return bytes == 64 ? _mm512_loadu_si512(q) : _mm512_maskz_loadu_epi8((__mmask64(1) << bytes) - 1, q);
+}
+
 // 64 bytes of packed values (the first `bytes` of them; the rest read as zeros) as their low and
 // high nibbles.
 struct Nibbles {
@@ -466,8 +515,7 @@ struct Nibbles {
 // instead of a shift and a mask.
 template <bool GF>
 inline Nibbles nibbles(const uint8_t* q, int64_t bytes = 64) {
-  const __m512i v = bytes == 64 ? _mm512_loadu_si512(q)
-                                : _mm512_maskz_loadu_epi8((__mmask64(1) << bytes) - 1, q);
+  const __m512i v = load_first(q, bytes);
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   if constexpr (GF)
     return {_mm512_and_si512(v, low4),
@@ -475,23 +523,29 @@ inline Nibbles nibbles(const uint8_t* q, int64_t bytes = 64) {
   return {_mm512_and_si512(v, low4), _mm512_and_si512(_mm512_srli_epi16(v, 4), low4)};
 }
 
-// A group's three digit sums, lane i = block i.
+// q8_0's 64 values as unsigned bytes, q + 128
+inline __m512i biased(const uint8_t* q, int64_t bytes = 64) {
+  return _mm512_xor_si512(load_first(q, bytes), _mm512_set1_epi8(static_cast<char>(0x80)));
+}
+
+// Three digit sums, lane by lane.
 struct Digits {
   __m512i h, m, l;
 };
 
-// One chunk's dot products with one activation row's planes at `pc` (the chunk's).
-inline void chunk_dot(Digits& a, const Nibbles& w, const int8_t* pc) {
-  a.h = _mm512_dpbusd_epi32(a.h, w.lo, _mm512_loadu_si512(pc));
-  a.m = _mm512_dpbusd_epi32(a.m, w.lo, _mm512_loadu_si512(pc + 128));
-  a.l = _mm512_dpbusd_epi32(a.l, w.lo, _mm512_loadu_si512(pc + 256));
-  a.h = _mm512_dpbusd_epi32(a.h, w.hi, _mm512_loadu_si512(pc + 64));
-  a.m = _mm512_dpbusd_epi32(a.m, w.hi, _mm512_loadu_si512(pc + 192));
-  a.l = _mm512_dpbusd_epi32(a.l, w.hi, _mm512_loadu_si512(pc + 320));
+inline Digits digits_from(const int32_t* corr) {  // q8_0: starting at -128 * sum(digits)
+  return {_mm512_loadu_si512(corr), _mm512_loadu_si512(corr + 16), _mm512_loadu_si512(corr + 32)};
 }
 
-// acc + the group's sums scaled: hm = (h << 8) + m by d_w * s / 256 (cv * 256), l by cv.
-inline __m512 group_scaled(const Digits& a, __m512 cv, __m512 acc) {
+// 64 unsigned weight bytes' dot products with one activation row's digit planes at `pc`.
+inline void chunk_dot(Digits& a, __m512i w, const int8_t* pc) {
+  a.h = _mm512_dpbusd_epi32(a.h, w, _mm512_loadu_si512(pc));
+  a.m = _mm512_dpbusd_epi32(a.m, w, _mm512_loadu_si512(pc + 64));
+  a.l = _mm512_dpbusd_epi32(a.l, w, _mm512_loadu_si512(pc + 128));
+}
+
+// acc + the sums scaled: hm = (h << 8) + m by d_w * s / 256 (cv * 256), l by cv.
+inline __m512 scaled(const Digits& a, __m512 cv, __m512 acc) {
   const __m512i hm = _mm512_add_epi32(_mm512_slli_epi32(a.h, 8), a.m);
   acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hm), _mm512_mul_ps(cv, _mm512_set1_ps(256.f)), acc);
   return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a.l), cv, acc);
@@ -510,33 +564,80 @@ inline __m512i quad_dot(const Nibbles& w, const int8_t* pq) {
   return _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(_mm512_slli_epi32(h, 8), m), 8), l);
 }
 
-// A group's (or the tail's) weight scales times the activation scales: cv = d_w * s / 65536;
-// acc gets the offsets (q4_1 + m * sum(x), q4_0 - 8 d * sum(x)) in one FMA.
+// A group's (or the tail's) weight scales times the activation scales, cv = d_w * s / 65536;
+// acc gets the 4-bit offsets (q4_1 + m * sum(x), q4_0 - 8 d * sum(x)) in one FMA.
 template <QType T>
 inline __m512 group_scales(const Row32& r, int64_t g, __mmask16 mask, __m512 sv, __m512 xs,
                            __m512& acc) {
   const __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, r.d + 2 * g));
-  const __m512 ov = T == QType::Q4_1
-                        ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, r.m + 2 * g))
-                        : _mm512_mul_ps(dv, _mm512_set1_ps(-8.f));
-  acc = _mm512_fmadd_ps(ov, xs, acc);
+  if constexpr (T != QType::Q8_0) {
+    const __m512 ov = T == QType::Q4_1
+                          ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, r.m + 2 * g))
+                          : _mm512_mul_ps(dv, _mm512_set1_ps(-8.f));
+    acc = _mm512_fmadd_ps(ov, xs, acc);
+  }
   return _mm512_mul_ps(dv, sv);
 }
 
-// y[m] = x[m0 + m] . row for MB activation rows over one weight row: per group the offsets, then
-// its four chunks' dot products, then its two scaled sums; the tail's quads after (vnni_4x1
-// does the same per row, in the same order).
+// One weight row's group gi against activation rows 0..R-1 (planes pa[i], q8_0 corrections
+// ca[i]): the digit sums of its chunks, accumulated into a[i].
+template <QType T, bool GF, int R>
+inline void group_dots(const uint8_t* qs, int64_t gi, const int8_t* const* pa, Digits* a) {
+  if constexpr (T == QType::Q8_0) {
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) {
+      const __m512i w = biased(qs + gi * kGroup * 32 + 64 * c);
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) chunk_dot(a[i], w, pa[i] + gi * kGroupBytes + c * kChunkBytes);
+    }
+  } else {
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const Nibbles w = nibbles<GF>(qs + gi * kGroup * 16 + 64 * c);
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) {
+        chunk_dot(a[i], w.lo, pa[i] + gi * kGroupBytes + c * kChunkBytes);
+        chunk_dot(a[i], w.hi, pa[i] + gi * kGroupBytes + (c + 4) * kChunkBytes);
+      }
+    }
+  }
+}
+
+// acc += the tail's unit j of one weight row against one activation row (planes pt at the
+// unit, q8_0 corrections ct at the unit; cv: the tail's scales).
+template <QType T, bool GF>
+inline __m512 tail_unit(const uint8_t* q, int64_t bytes, int64_t j, const int8_t* pt,
+                        const int32_t* ct, __m512 cv, __m512 acc) {
+  if constexpr (T == QType::Q8_0) {
+    Digits a = digits_from(ct);
+    chunk_dot(a, biased(q, bytes), pt);
+    return scaled(a, _mm512_permutexvar_ps(_mm512_load_si512(kPairIdx[j]), cv), acc);
+  } else {
+    const __m512i t = quad_dot(nibbles<GF>(q, bytes), pt);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(t),
+                           _mm512_permutexvar_ps(_mm512_load_si512(kQuadIdx[j]), cv), acc);
+  }
+}
+
+constexpr int64_t per_unit(QType t) { return t == QType::Q8_0 ? 2 : 4; }
+
+// y[m] = x[m0 + m] . row for MB activation rows over one weight row: per group the offsets, its
+// chunks' dot products, its two scaled sums; then the tail's units (vnni_4x1 does the same per
+// row, in the same order).
 template <QType T, bool GF, int MB>
 inline void vnni_rows(const uint8_t* row, int64_t K, const Planes& P, int64_t m0,
                       const float* sums, float* y) {
   const Row32 r = row32(T, row, K);
-  const int64_t nb = r.nb;
+  const int64_t nb = r.nb, vb = value_bytes(T), units = P.ngroups + P.units;
   __m512 acc[MB], cv[MB];
-#pragma GCC unroll 4
-  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
   const int8_t* pm[MB];  // each activation row's planes
+  const int32_t* cm[MB];  // and q8_0 corrections
 #pragma GCC unroll 4
-  for (int m = 0; m < MB; ++m) pm[m] = P.q.data() + (m0 + m) * P.row;
+  for (int m = 0; m < MB; ++m) {
+    acc[m] = _mm512_setzero_ps();
+    pm[m] = P.q.data() + (m0 + m) * P.row;
+    cm[m] = T == QType::Q8_0 ? P.corr.data() + (m0 + m) * units * kPlanes * 16 : nullptr;
+  }
   for (int64_t gi = 0; gi < P.ngroups; ++gi) {
     const int64_t g = gi * kGroup;
     Digits a[MB];
@@ -544,33 +645,30 @@ inline void vnni_rows(const uint8_t* row, int64_t K, const Planes& P, int64_t m0
     for (int m = 0; m < MB; ++m) {
       cv[m] = group_scales<T>(r, g, 0xFFFF, _mm512_loadu_ps(P.scale.data() + (m0 + m) * nb + g),
                               _mm512_loadu_ps(sums + (m0 + m) * nb + g), acc[m]);
-      a[m].h = a[m].m = a[m].l = _mm512_setzero_si512();
+      a[m] = T == QType::Q8_0 ? digits_from(cm[m] + gi * kPlanes * 16)
+                              : Digits{_mm512_setzero_si512(), _mm512_setzero_si512(),
+                                       _mm512_setzero_si512()};
     }
+    group_dots<T, GF, MB>(r.qs, gi, pm, a);
 #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) {
-      const Nibbles w = nibbles<GF>(r.qs + 16 * g + 64 * c);
-#pragma GCC unroll 4
-      for (int m = 0; m < MB; ++m) chunk_dot(a[m], w, pm[m] + gi * kGroupBytes + c * kChunkBytes);
-    }
-#pragma GCC unroll 4
-    for (int m = 0; m < MB; ++m) acc[m] = group_scaled(a[m], cv[m], acc[m]);
+    for (int m = 0; m < MB; ++m) acc[m] = scaled(a[m], cv[m], acc[m]);
   }
-  if (const int64_t g = P.ngroups * kGroup; g < nb) {  // the tail, a quad at a time
+  if (const int64_t g = P.ngroups * kGroup; g < nb) {  // the tail, a unit at a time
     const int64_t n = nb - g;
     const __mmask16 mask = first_n(n);
 #pragma GCC unroll 4
     for (int m = 0; m < MB; ++m)
       cv[m] = group_scales<T>(r, g, mask, _mm512_maskz_loadu_ps(mask, P.scale.data() + (m0 + m) * nb + g),
                               _mm512_maskz_loadu_ps(mask, sums + (m0 + m) * nb + g), acc[m]);
-    for (int64_t j = 0; j < n; j += 4) {
-      const Nibbles w = nibbles<GF>(r.qs + 16 * (g + j), 16 * std::min<int64_t>(4, n - j));
-      const __m512i idx = _mm512_load_si512(kQuadIdx[j / 4]);
-      const int64_t at = P.ngroups * kGroupBytes + j / 4 * kPlanes * kQuadBytes;
+    for (int64_t j = 0; j < P.units; ++j) {
+      const int64_t bytes = vb * std::min<int64_t>(per_unit(T), n - j * per_unit(T));
+      const uint8_t* q = r.qs + vb * (g + j * per_unit(T));
+      const int64_t at = P.ngroups * kGroupBytes + j * kTailBytes;
 #pragma GCC unroll 4
-      for (int m = 0; m < MB; ++m) {
-        const __m512i t = quad_dot(w, pm[m] + at);
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(idx, cv[m]), acc[m]);
-      }
+      for (int m = 0; m < MB; ++m)
+        acc[m] = tail_unit<T, GF>(q, bytes, j, pm[m] + at,
+                                  T == QType::Q8_0 ? cm[m] + (P.ngroups + j) * kPlanes * 16 : nullptr,
+                                  cv[m], acc[m]);
     }
   }
 #pragma GCC unroll 4
@@ -587,10 +685,11 @@ inline void vnni_4x1(const uint8_t* w, int64_t row_bytes, int64_t K, const Plane
   Row32 r[R];
 #pragma GCC unroll 4
   for (int i = 0; i < R; ++i) r[i] = row32(T, w + i * row_bytes, K);
-  const int64_t nb = r[0].nb;
+  const int64_t nb = r[0].nb, vb = value_bytes(T);
   __m512 acc[R], cv[R];
 #pragma GCC unroll 4
   for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  const int8_t* const pa[R] = {P.q.data(), P.q.data(), P.q.data(), P.q.data()};  // shared
   for (int64_t gi = 0; gi < P.ngroups; ++gi) {
     const int64_t g = gi * kGroup;
     const __m512 sv = _mm512_loadu_ps(P.scale.data() + g), xs = _mm512_loadu_ps(sums + g);
@@ -598,16 +697,28 @@ inline void vnni_4x1(const uint8_t* w, int64_t row_bytes, int64_t K, const Plane
 #pragma GCC unroll 4
     for (int i = 0; i < R; ++i) {
       cv[i] = group_scales<T>(r[i], g, 0xFFFF, sv, xs, acc[i]);
-      a[i].h = a[i].m = a[i].l = _mm512_setzero_si512();
+      a[i] = T == QType::Q8_0 ? digits_from(P.corr.data() + gi * kPlanes * 16)
+                              : Digits{_mm512_setzero_si512(), _mm512_setzero_si512(),
+                                       _mm512_setzero_si512()};
     }
-    const int8_t* pg = P.q.data() + gi * kGroupBytes;  // shared by the four
+    if constexpr (T == QType::Q8_0) {
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c)
 #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c)
+        for (int i = 0; i < R; ++i)
+          chunk_dot(a[i], biased(r[i].qs + g * 32 + 64 * c), pa[i] + gi * kGroupBytes + c * kChunkBytes);
+    } else {
 #pragma GCC unroll 4
-      for (int i = 0; i < R; ++i)
-        chunk_dot(a[i], nibbles<GF>(r[i].qs + 16 * g + 64 * c), pg + c * kChunkBytes);
+      for (int c = 0; c < 4; ++c)
 #pragma GCC unroll 4
-    for (int i = 0; i < R; ++i) acc[i] = group_scaled(a[i], cv[i], acc[i]);
+        for (int i = 0; i < R; ++i) {
+          const Nibbles wv = nibbles<GF>(r[i].qs + g * 16 + 64 * c);
+          chunk_dot(a[i], wv.lo, pa[i] + gi * kGroupBytes + c * kChunkBytes);
+          chunk_dot(a[i], wv.hi, pa[i] + gi * kGroupBytes + (c + 4) * kChunkBytes);
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) acc[i] = scaled(a[i], cv[i], acc[i]);
   }
   if (const int64_t g = P.ngroups * kGroup; g < nb) {
     const int64_t n = nb - g;
@@ -616,15 +727,13 @@ inline void vnni_4x1(const uint8_t* w, int64_t row_bytes, int64_t K, const Plane
     const __m512 xs = _mm512_maskz_loadu_ps(mask, sums + g);
 #pragma GCC unroll 4
     for (int i = 0; i < R; ++i) cv[i] = group_scales<T>(r[i], g, mask, sv, xs, acc[i]);
-    for (int64_t j = 0; j < n; j += 4) {
-      const int64_t bytes = 16 * std::min<int64_t>(4, n - j);
-      const int8_t* pq = P.q.data() + P.ngroups * kGroupBytes + j / 4 * kPlanes * kQuadBytes;
-      const __m512i idx = _mm512_load_si512(kQuadIdx[j / 4]);
+    for (int64_t j = 0; j < P.units; ++j) {
+      const int64_t bytes = vb * std::min<int64_t>(per_unit(T), n - j * per_unit(T));
+      const int8_t* pt = P.q.data() + P.ngroups * kGroupBytes + j * kTailBytes;
+      const int32_t* ct = T == QType::Q8_0 ? P.corr.data() + (P.ngroups + j) * kPlanes * 16 : nullptr;
 #pragma GCC unroll 4
-      for (int i = 0; i < R; ++i) {
-        const __m512i t = quad_dot(nibbles<GF>(r[i].qs + 16 * (g + j), bytes), pq);
-        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(idx, cv[i]), acc[i]);
-      }
+      for (int i = 0; i < R; ++i)
+        acc[i] = tail_unit<T, GF>(r[i].qs + vb * (g + j * per_unit(T)), bytes, j, pt, ct, cv[i], acc[i]);
     }
   }
   // the four horizontal sums at once: 512 -> 256 -> 128 bits each, then a 4x4 transpose-add
@@ -647,6 +756,8 @@ void vnni_any(const uint8_t* row, int64_t K, const Planes& P, const float* sums,
     }
   }
 }
+
+#pragma GCC pop_options
 
 // ---- AVX2 + FMA ------------------------------------------------------------------------------
 
@@ -672,15 +783,17 @@ void decode_row_256(const Format& f, const uint8_t* row, int64_t K, float* y) {
   const __m128i mask = _mm_set1_epi8(0x0F);
   for (int64_t b = 0; b < r.nb; ++b, y += 32) {
     const __m256 d = _mm256_set1_ps(half_f16c2(r.d + 2 * b));
-    const uint8_t* q = r.qs + 32 * b;  // q8_0
     if (f.type == QType::Q8_0) {
-      for (int i = 0; i < 4; ++i) {
-        const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i));
-        _mm256_storeu_ps(y + 8 * i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d));
+      for (int h = 0; h < 2; ++h) {
+        const __m128i v = values_xmm(f.type, r, b, h);
+        const __m128i parts[2] = {v, _mm_srli_si128(v, 8)};
+        for (int i = 0; i < 2; ++i)
+          _mm256_storeu_ps(y + 16 * h + 8 * i,
+                           _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i])), d));
       }
       continue;
     }
-    const __m128i v = q4_values_xmm(r, b);
+    const __m128i v = values_xmm(f.type, r, b);
     const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
     const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
     for (int i = 0; i < 4; ++i) {
@@ -821,12 +934,10 @@ void small(const Format& f, const float* x, int64_t M, int64_t K, const uint8_t*
     }
   }
 #ifdef XLLM_X86
-  // q8_0 keeps the fp32 path: three planes of 8-bit weights would overflow int32
-  const bool vnni = which == Isa::Avx512 && has_vnni() &&
-                    (f.type == QType::Q4_0 || f.type == QType::Q4_1);
+  const bool vnni = which == Isa::Avx512 && has_vnni() && f.block == 32;
   thread_local Planes planes_tl;
   Planes& planes = planes_tl;  // the lambda below runs on other threads: bind this thread's
-  if (vnni) make_planes(x, M, K, planes);
+  if (vnni) make_planes(x, M, K, f.type == QType::Q8_0, planes);
   const bool gf = vnni && has_gfni();
 #endif
   xllm_parallel_for(N, grain, [&](int64_t n0, int64_t n1) {
@@ -849,9 +960,11 @@ void small(const Format& f, const float* x, int64_t M, int64_t K, const uint8_t*
         if (f.type == QType::Q4_1)
           (gf ? vnni_4x1<QType::Q4_1, true> : vnni_4x1<QType::Q4_1, false>)(
               row, row_bytes, K, planes, sums.data(), y4);
-        else
+        else if (f.type == QType::Q4_0)
           (gf ? vnni_4x1<QType::Q4_0, true> : vnni_4x1<QType::Q4_0, false>)(
               row, row_bytes, K, planes, sums.data(), y4);
+        else
+          vnni_4x1<QType::Q8_0, false>(row, row_bytes, K, planes, sums.data(), y4);
         for (int i = 0; i < 4; ++i) out[n + i] = y4[i] + (bias ? bias[n + i] : 0.f);
         n += 3;
         continue;
@@ -861,9 +974,11 @@ void small(const Format& f, const float* x, int64_t M, int64_t K, const uint8_t*
       if (vnni && f.type == QType::Q4_1) {
         (gf ? vnni_any<QType::Q4_1, true> : vnni_any<QType::Q4_1, false>)(
             row, K, planes, sums.data(), M, y);
-      } else if (vnni) {
+      } else if (vnni && f.type == QType::Q4_0) {
         (gf ? vnni_any<QType::Q4_0, true> : vnni_any<QType::Q4_0, false>)(
             row, K, planes, sums.data(), M, y);
+      } else if (vnni) {
+        vnni_any<QType::Q8_0, false>(row, K, planes, sums.data(), M, y);
       } else if (!(which == Isa::Avx512 && fused_512(f, row, K, x, sums.data(), M, y)))
 #endif
       {
