@@ -26,8 +26,8 @@ import torch
 from xllm_compile import __version__
 from xllm_compile.errors import ArtifactError
 
-# 2: program.json instead of a pickling program.pt2; 3: 4-bit rows interleave their values in
-# groups of 16 blocks (kernels/linear_q.py)
+# 2: program.json instead of a pickling program.pt2; 3: q8_0/q4_0/q4_1 rows interleave their
+# values in groups of 16 blocks (kernels/linear_q.py)
 FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 PROGRAM = "program.json"

@@ -509,9 +509,9 @@ def _quant_entry(mode: str) -> dict | None:
         "format": "<weight>.<qtype> uint8 [N, row_bytes], run by xllm::linear_q "
         "(kernels/linear_q.py documents the layouts): q4_k/q6_k rows are ggml's blocks in order "
         "along K; q8_0/q4_0/q4_1 rows hold the same bytes regrouped: the nb block scales d "
-        "(fp16), the nb mins m (q4_1), then the values: q8_0's in block order, 4-bit ones in "
-        "groups of 16 blocks (byte 64c + 4i + k of a group = byte 4c + k of its block i), the "
-        "last nb % 16 blocks in block order",
+        "(fp16), the nb mins m (q4_1), then the values in groups of 16 blocks (byte 64c + 4i + k "
+        "of a group = byte 4c + k of its block i; c < 8 for q8_0, c < 4 for the 4-bit ones), "
+        "the last nb % 16 blocks in block order",
         "qtypes": formats_doc(),
     }
 
