@@ -10,10 +10,14 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <type_traits>
 
 // Defined in xllm_cpu.cpp: f(begin, end) over [0, n) on ATen's intra-op threads.
 void xllm_parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& f);
+// Defined in xllm_cpu.cpp: y = x @ w^T (+ b) for prefill sizes (xllm_cpu.cpp says which GEMM).
+at::Tensor xllm_dense_linear(const at::Tensor& x, const at::Tensor& w,
+                             const std::optional<at::Tensor>& b);
 // Defined in xllm_cpu.cpp: whether the AVX512 loops may run on this CPU.
 bool xllm_use_avx512();
 

@@ -242,7 +242,9 @@ at::Tensor& linear_out(const at::Tensor& x, const at::Tensor& w,
   const auto shape = out_shape(x, w);
   if (out.sizes() != at::IntArrayRef(shape)) out.resize_(shape);
   if (!takes(x, w, b, &out)) {
-    return at::linear_out(out, x, w, b);
+    if (x.scalar_type() != at::kFloat) return at::linear_out(out, x, w, b);
+    out.copy_(xllm_dense_linear(x, w, b));  // prefill sizes: the GEMM dwarfs the copy
+    return out;
   }
 #ifdef XLLM_AVX512
   const int64_t K = x.size(-1);
@@ -261,7 +263,7 @@ at::Tensor& linear_out(const at::Tensor& x, const at::Tensor& w,
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
-  if (!takes(x, w, b)) return at::linear(x, w, b);  // prefill sizes: no output made here first
+  if (!takes(x, w, b)) return xllm_dense_linear(x, w, b);  // prefill sizes: no output made here first
   at::Tensor out = at::empty(out_shape(x, w), x.options());
   return linear_out(x, w, b, out);
 }

@@ -140,3 +140,23 @@ def test_padding_sequence_of_many_tokens_at_position_zero():
     ):
         torch.testing.assert_close(out[:4], real, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out[4:], expected_pad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "query_lens,ctx_before,window,builds_mask",
+    [([5, 7], [0, 0], 0, False), ([3, 1], [6, 11], 0, True), ([9], [0], 4, True)],
+)
+def test_whole_prompts_take_sdpas_causal_mask(query_lens, ctx_before, window, builds_mask):
+    """A prompt with no cached prefix and no window is SDPA's own causal case: the C++ kernel
+    passes is_causal instead of building the position mask (flash attention then skips the masked
+    blocks); a cached prefix or a window still gets the mask. Both match the naive definition."""
+    from xllm_compile.kernels.cpu import ensure_loaded
+
+    if ensure_loaded() is not None:
+        pytest.skip("no C++ kernels on this machine")
+    args = make_batch(query_lens, ctx_before, window=window)
+    with torch.profiler.profile() as prof:
+        out = torch.ops.xllm.attention(*args)
+    names = {e.name for e in prof.events()}
+    assert ("aten::arange" in names) == builds_mask, names
+    torch.testing.assert_close(out, naive_attention(*args), rtol=1e-5, atol=1e-5)

@@ -1,9 +1,15 @@
 """xllm::linear: opcheck of both overloads, and the CPU weight-streaming kernel against an fp64
 matmul over the row counts it takes (1-32 fp32, 1-8 bf16; 4-row blocks and their tails), odd
 sizes (partial vectors, weight-row tails), bias, 3-D and strided inputs; beyond its row limit
-and for other dtypes it is ATen's linear exactly."""
+fp32 takes oneDNN's GEMM (ATen's linear to fp32 rounding; XLLM_DENSE_GEMM=aten: ATen's), other
+dtypes ATen's linear exactly."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,12 +80,47 @@ def test_shapes_and_layouts():
 @pytest.mark.parametrize(
     "dtype,m", [(torch.float32, 33), (torch.float32, 64), (torch.bfloat16, 9), (torch.float16, 2)]
 )
-def test_beyond_the_kernel_it_is_aten(dtype, m):
+def test_beyond_the_kernel_it_is_a_gemm(dtype, m):
     x, w, b = _args(m, 48, 40, dtype, True)
-    assert torch.equal(xllm.linear(x, w, b), F.linear(x, w, b))
     out = torch.empty(m, 48, dtype=dtype)
     xllm.linear.out(x, w, b, out=out)
-    assert torch.equal(out, F.linear(x, w, b))
+    if dtype == torch.float32:  # oneDNN's GEMM: another summation order, fp32 arithmetic
+        for y in (xllm.linear(x, w, b), out):
+            torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+            err = ((y.double() - _exact(x, w, b)).abs().max() / _exact(x, w, b).abs().max()).item()
+            assert err < 1e-6
+    else:
+        assert torch.equal(xllm.linear(x, w, b), F.linear(x, w, b))
+        assert torch.equal(out, F.linear(x, w, b))
+
+
+_ROUTE = """
+import importlib, json, torch, xllm_compile.kernels
+lq = importlib.import_module("xllm_compile.kernels.linear_q")
+x, w = torch.randn(40, 64), torch.randn(48, 64)
+qw = lq.quantize(torch.randn(64, 64), "q8_0")
+with torch.profiler.profile() as p:
+    torch.ops.xllm.linear(x, w, None)
+    torch.ops.xllm.linear_q(x, qw, "q8_0", None)
+print(json.dumps(sorted({e.name for e in p.events()})))
+"""
+
+
+@pytest.mark.skipif(ensure_loaded() is not None, reason="no C++ kernels on this machine")
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
+@pytest.mark.parametrize("choice", ["", "aten"])
+def test_fp32_prefill_gemm_is_onednn_unless_told(choice):
+    """Prefill sizes of xllm::linear (fp32) and of linear_q (its decoded weight) run oneDNN's
+    matmul (MKL's sgemm runs AVX2 code on AMD CPUs, 2.3x slower on a Zen 5); XLLM_DENSE_GEMM=aten
+    keeps ATen's linear. The env is read once per process: a fresh one each."""
+    env = {**os.environ, "XLLM_DENSE_GEMM": choice}
+    proc = subprocess.run([sys.executable, "-c", _ROUTE], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    names = json.loads(proc.stdout.strip().splitlines()[-1])
+    if choice == "aten":
+        assert "mkldnn::_linear_pointwise" not in names and "aten::mm" in names, names
+    else:
+        assert "mkldnn::_linear_pointwise" in names and "aten::mm" not in names, names
 
 
 def test_mixed_dtypes_take_aten():
