@@ -9,7 +9,8 @@ The GGUF is `xllm pull smollm2`'s (SmolLM2-135M-Instruct, Q4_1); the Q8_0 file i
 with llama-quantize --allow-requantize. llama.cpp is tools/bench/llama_cpp.py's llama-bench
 (decode tg32, prefill pp128 / pp512) and llama-batched-bench (8 parallel sequences), built from
 the llama-cpp-python sdist on first use. Our artifacts are compiled from the same GGUFs with the
-default `--quant keep` (the GGUF's blocks as they are). The floor is the bytes one decode step
+default `--quant keep` (the GGUF's blocks as they are). Prefill, ours as llama-bench's: a warm-up
+run, then the mean of two timed ones. The floor is the bytes one decode step
 must read (every matmul's packed weight, the norms) over the read bandwidth measured in the same
 round (a torch sum over 1 GiB).
 """
@@ -91,8 +92,8 @@ def xllm_runs(art: Path, threads: int, steps: int) -> dict:
     torch.set_num_threads(threads)
     _, b1 = bench_xllm(art, 1, 128, steps, True)
     _, b8 = bench_xllm(art, 8, 128, steps, True)
-    p128, _ = bench_xllm(art, 1, 128, 1, False)
-    p512, _ = bench_xllm(art, 1, 512, 1, False)
+    p128, _ = bench_xllm(art, 1, 128, 1, False, prefill_reps=2)  # llama-bench's -r 2
+    p512, _ = bench_xllm(art, 1, 512, 1, False, prefill_reps=2)
     return {"decode_b1_ms": b1, "decode_b8_ms": b8, "prefill_128_tok_s": p128,
             "prefill_512_tok_s": p512}  # fmt: skip
 
