@@ -993,10 +993,10 @@ void small(const Format& f, const float* x, int64_t M, int64_t K, const uint8_t*
 
 // y[M, N] = x[M, K] @ dequant(W)^T (+ bias) for prefill sizes: each thread decodes its own rows of
 // W into its buffer (kept between calls) and multiplies them by a one-thread GEMM inside the
-// parallel region (oneDNN's, xllm_dense_linear). SmolLM2 shapes, 128 tokens, 2 threads (Zen 5):
-// 320-328 GFLOP/s, against 300 decoding the whole W first and running the GEMM on both threads
-// (the decoded W went through L3 between two parallel regions), 139 with ATen's GEMM; tiles of
-// 128 KB-1 MB, a GEMM per tile in L2, were slower (164-270: oneDNN wants the long N).
+// parallel region (oneDNN's, xllm_dense_linear). SmolLM2's shapes, 128 tokens, 2 threads (Zen 5):
+// 295-362 GFLOP/s, against ~300 decoding the whole W first and running the GEMM on both threads
+// (the decoded W went through L3 between two parallel regions) and 139-161 with ATen's GEMM;
+// tiles of 128 KB-1 MB, a GEMM per tile in L2, were slower (164-270: oneDNN wants the long N).
 void per_thread_prefill(const Format& f, const at::Tensor& x, const at::Tensor& qweight, int64_t K,
                         const float* bias, float* y) {
   const int64_t M = x.size(0), N = qweight.size(0), row_bytes = qweight.size(1);
