@@ -168,25 +168,21 @@ def bench_xllm(
     cache = engine.runner
     vocab = engine.manifest["model"]["config"]["vocab_size"]
 
-    def fresh(tokens: int) -> list[Sequence]:
+    logits, seqs, t_prefill = None, [], []
+
+    def prefill() -> None:
+        nonlocal logits
+        logits = engine.run_step(seqs)
+
+    for rep in range(1 + prefill_reps):  # rep 0: the warm-up
+        for seq in seqs:
+            engine.kv_cache.free(seq.slot)
         seqs = [
-            Sequence(torch.randint(3, vocab, (tokens,)).tolist(), SamplingParams())
+            Sequence(torch.randint(3, vocab, (prompt_len,)).tolist(), SamplingParams())
             for _ in range(batch)
         ]
         for seq in seqs:
-            seq.slot = engine.kv_cache.allocate(tokens + steps + 1)
-        return seqs
-
-    logits, seqs, t_prefill = None, [], []
-    for rep in range(1 + prefill_reps):
-        for seq in seqs:
-            engine.kv_cache.free(seq.slot)
-        seqs = fresh(prompt_len)
-
-        def prefill(seqs=seqs):
-            nonlocal logits
-            logits = engine.run_step(seqs)
-
+            seq.slot = engine.kv_cache.allocate(prompt_len + steps + 1)
         t = _timed(prefill)
         if rep:
             t_prefill.append(t)
