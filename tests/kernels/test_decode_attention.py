@@ -15,14 +15,14 @@ from xllm_compile.kernels.cpu import ensure_loaded
 LAYERS, SLOTS, MAX_LEN = 2, 4, 80
 
 
-def make_cache(kv_heads, head_dim, dtype, token_major, seed=0):
+def make_cache(kv_heads, head_dim, dtype, token_major, seed=0, max_len=MAX_LEN):
     """[L, 2, S, M, Hkv, D] with random contents; token-major: S outermost in memory, then
     positions, then layers and K/V (the paged layout's strides)."""
     g = torch.Generator().manual_seed(seed)
-    shape = (SLOTS, MAX_LEN, LAYERS, 2, kv_heads, head_dim) if token_major else None
+    shape = (SLOTS, max_len, LAYERS, 2, kv_heads, head_dim) if token_major else None
     if token_major:
         return torch.randn(shape, generator=g).to(dtype).permute(2, 3, 0, 1, 4, 5)
-    return torch.randn(LAYERS, 2, SLOTS, MAX_LEN, kv_heads, head_dim, generator=g).to(dtype)
+    return torch.randn(LAYERS, 2, SLOTS, max_len, kv_heads, head_dim, generator=g).to(dtype)
 
 
 @pytest.mark.parametrize("token_major", [False, True])
@@ -58,6 +58,29 @@ def test_lengths_around_the_blocks():
         args += (torch.tensor([n]), 0.125, 0)
         expected = naive_attention(q, cache, *args[2:])
         torch.testing.assert_close(torch.ops.xllm.attention(*args), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (14, 2, 128), (4, 4, 16)])
+@pytest.mark.parametrize("window", [0, 100])
+def test_long_ragged_batch_rows_are_each_sequences_alone(dtype, heads, kv_heads, head_dim, window):
+    """Sequences of 64 to 300 rows in one batch (past the 80 rows above, windows cut some): the
+    naive definition's numbers, and each sequence's output bit for bit what it gets alone (a
+    row never depends on the batch it shares: bucket padding must not move logits)."""
+    cache = make_cache(kv_heads, head_dim, dtype, True, seed=2, max_len=300)
+    slots = torch.tensor([3, 1, 0, 2])
+    seq_lens = torch.tensor([65, 300, 129, 64])
+    q = torch.randn(4, heads, head_dim).to(dtype)
+    args = (q, cache, 1, seq_lens - 1, slots, torch.ones(4, dtype=torch.long), seq_lens)
+    args += (head_dim**-0.5, window)
+    out = torch.ops.xllm.attention(*args)
+    expected = naive_attention(q.float(), cache.float(), *args[2:])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
+    for i in range(4):  # each sequence alone: bit for bit its row of the batch
+        one = (q[i : i + 1], cache, 1, seq_lens[i : i + 1] - 1, slots[i : i + 1])
+        one += (torch.ones(1, dtype=torch.long), seq_lens[i : i + 1], head_dim**-0.5, window)
+        assert torch.equal(torch.ops.xllm.attention(*one), out[i : i + 1])
 
 
 @pytest.mark.parametrize("token_major", [False, True])
