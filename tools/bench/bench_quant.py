@@ -7,13 +7,13 @@ dequantized weights and the memory-bandwidth floor: same machine, same run, inte
 
 The GGUF is `xllm pull smollm2`'s (SmolLM2-135M-Instruct, Q4_1); the Q8_0 file is made from it
 with llama-quantize --allow-requantize. llama.cpp is tools/bench/llama_cpp.py's llama-bench
-(decode tg32, prefill pp128 / pp512) and llama-batched-bench (8 parallel sequences), built from
-the llama-cpp-python sdist on first use. Decode is timed in the peer's conditions: batch 1 from a
-one-token prompt (llama-bench's tg32 starts from an empty cache), and batch 1 and 8 after
-128-token prompts (llama-batched-bench -npp 128 -ntg 32 -npl 1,8). Our artifacts are compiled from the same GGUFs with the
-default `--quant keep` (the GGUF's blocks as they are). Prefill, ours as llama-bench's: a warm-up
-run, then the mean of two timed ones. The floor is the bytes one decode step
-must read (every matmul's packed weight, the norms) over the read bandwidth measured in the same
+(decode tg32, prefill pp128 / pp512) and llama-batched-bench, built from the llama-cpp-python
+sdist on first use. Decode is timed in the peer's conditions: batch 1 from a one-token prompt
+(llama-bench's tg32 starts from an empty cache), batch 1 and 8 after 128-token prompts
+(llama-batched-bench -npp 128 -ntg 32 -npl 1,8). Our artifacts are compiled from the same GGUFs
+with the default `--quant keep` (the GGUF's blocks as they are). Prefill, ours as llama-bench's:
+a warm-up run, then the mean of two timed ones. The floor is the bytes one decode step must read
+(every matmul's packed weight, the norms) over the read bandwidth measured in the same
 round (a torch sum over 1 GiB).
 """
 
