@@ -20,6 +20,49 @@
 #include <unordered_map>
 #include <vector>
 
+namespace {
+
+// Runs f(begin, end) over [0, rows) in chunks of at least `grain` rows on ATen's intra-op
+// threads (outside the AVX512 section below: every CPU runs it, through xllm_parallel_for; in
+// the section GCC used 512-bit moves for its copies, an illegal instruction on AVX2 CPUs). at::parallel_for is a header template over `omp parallel`, serial in a build without
+// -fopenmp (the JIT build's flags); TensorIterator::for_each runs it inside libtorch instead.
+// The iterator over `rows` bytes (one per row: a chunk's offset is its start), built once per
+// thread and row count: building it and its tensor cost ~3-5 us, paid by every parallel call
+// (121 matmuls a SmolLM2 decode step).
+inline at::TensorIterator& rows_iterator(int64_t rows) {
+  thread_local std::unordered_map<int64_t, std::unique_ptr<at::TensorIterator>> cache;
+  auto& it = cache[rows];
+  if (!it) {
+    const at::Tensor index = at::empty({rows}, at::kByte);  // owned by the iterator from here
+    it = std::make_unique<at::TensorIterator>(at::TensorIteratorConfig()
+                                                  .add_output(index)
+                                                  .resize_outputs(false)
+                                                  .check_all_same_dtype(false)
+                                                  .build());
+  }
+  return *it;
+}
+
+template <typename F>
+void parallel_rows(int64_t rows, int64_t grain, const F& f) {
+#ifdef INTRA_OP_PARALLEL
+  at::parallel_for(0, rows, grain, f);
+#else
+  if (rows <= grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    f(0, rows);
+    return;
+  }
+  at::TensorIterator& iter = rows_iterator(rows);
+  const char* base = static_cast<const char*>(iter.data_ptr(0));
+  auto loop = [&](char** data, const int64_t*, int64_t n, int64_t) {
+    f(data[0] - base, data[0] - base + n);
+  };
+  iter.for_each(loop, grain);
+#endif
+}
+
+}  // namespace
+
 // The fused loops are written with at::vec::Vectorized<float>. A plain JIT build (-O3, no -m
 // flags) would get its generic scalar fallback, so on x86-64 GCC this section is compiled for
 // ATen's AVX512 set, in a namespace of its own (no inline symbol shared with libtorch's builds),
@@ -103,44 +146,6 @@ inline fVec round_t(const fVec& v) {
 #endif
     return at::vec::convert<float>(at::vec::convert<T>(v));
   }
-}
-
-// Runs f(begin, end) over [0, rows) in chunks of at least `grain` rows on ATen's intra-op
-// threads. at::parallel_for is a header template over `omp parallel`, serial in a build without
-// -fopenmp (the JIT build's flags); TensorIterator::for_each runs it inside libtorch instead.
-// The iterator over `rows` bytes (one per row: a chunk's offset is its start), built once per
-// thread and row count: building it and its tensor cost ~3-5 us, paid by every parallel call
-// (121 matmuls a SmolLM2 decode step).
-inline at::TensorIterator& rows_iterator(int64_t rows) {
-  thread_local std::unordered_map<int64_t, std::unique_ptr<at::TensorIterator>> cache;
-  auto& it = cache[rows];
-  if (!it) {
-    const at::Tensor index = at::empty({rows}, at::kByte);  // owned by the iterator from here
-    it = std::make_unique<at::TensorIterator>(at::TensorIteratorConfig()
-                                                  .add_output(index)
-                                                  .resize_outputs(false)
-                                                  .check_all_same_dtype(false)
-                                                  .build());
-  }
-  return *it;
-}
-
-template <typename F>
-void parallel_rows(int64_t rows, int64_t grain, const F& f) {
-#ifdef INTRA_OP_PARALLEL
-  at::parallel_for(0, rows, grain, f);
-#else
-  if (rows <= grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
-    f(0, rows);
-    return;
-  }
-  at::TensorIterator& iter = rows_iterator(rows);
-  const char* base = static_cast<const char*>(iter.data_ptr(0));
-  auto loop = [&](char** data, const int64_t*, int64_t n, int64_t) {
-    f(data[0] - base, data[0] - base + n);
-  };
-  iter.for_each(loop, grain);
-#endif
 }
 
 // Rows of `d`: out = T(w * T(x * rsqrt(mean(x^2) + eps))), statistics in fp32. With `res`, x is
@@ -610,7 +615,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& kv_cache, int64_t la
 // For the other kernel files of this library (xllm_linear.cpp).
 void xllm_parallel_for(int64_t n, int64_t grain,
                        const std::function<void(int64_t, int64_t)>& f) {
-  vec::parallel_rows(n, grain, f);
+  parallel_rows(n, grain, f);
 }
 
 // fp32 GEMMs of prefill sizes go to oneDNN's matmul where torch has it (mkldnn::_linear_pointwise,
