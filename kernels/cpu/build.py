@@ -27,8 +27,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = ("xllm_cpu.cpp", "xllm_linear.cpp", "xllm_linear_q.cpp", "xllm_decode_attention.cpp")
-HEADERS = ("xllm_avx512.h",)
+SOURCES = (
+    "xllm_cpu.cpp",
+    "xllm_cpu_avx2.cpp",
+    "xllm_linear.cpp",
+    "xllm_linear_q.cpp",
+    "xllm_decode_attention.cpp",
+)
+HEADERS = ("xllm_avx512.h", "xllm_cpu_vec.h", "xllm_cpu_vec.inc")
 CFLAGS = ("-O3",)
 BUILD_SECONDS = 50  # a fresh build on a 2-core machine (said to the user before it starts)
 LOCK_TIMEOUT_S = 900.0

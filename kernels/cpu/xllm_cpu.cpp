@@ -20,6 +20,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "xllm_cpu_vec.h"
+
 namespace {
 
 // Runs f(begin, end) over [0, rows) in chunks of at least `grain` rows on ATen's intra-op
@@ -66,9 +68,9 @@ void parallel_rows(int64_t rows, int64_t grain, const F& f) {
 // The fused loops are written with at::vec::Vectorized<float>. A plain JIT build (-O3, no -m
 // flags) would get its generic scalar fallback, so on x86-64 GCC this section is compiled for
 // ATen's AVX512 set, in a namespace of its own (no inline symbol shared with libtorch's builds),
-// and runs only where ATen itself picked AVX512 (use_vec(); ATEN_CPU_CAPABILITY=avx2 turns it
-// off); elsewhere the ATen composites run. A build that defines CPU_CAPABILITY_* itself, and
-// other targets (aarch64: NEON), take what the build gives.
+// and runs only where ATen itself picked AVX512; where it picked AVX2 the same loops run from
+// xllm_cpu_avx2.cpp (use_vec()); elsewhere the ATen composites run. A build that defines
+// CPU_CAPABILITY_* itself, and other targets (aarch64: NEON), take what the build gives.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
     !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
 #define XLLM_AVX512_SECTION 1
@@ -98,230 +100,7 @@ bool xllm_decode_attention(const at::Tensor& q, const at::Tensor& cache, const i
 
 namespace {
 namespace vec {
-
-using fVec = at::vec::Vectorized<float>;
-constexpr int64_t kV = fVec::size();
-
-// n (<= kV) elements of T widened to fp32; the lanes past n read as 0.
-template <typename T>
-inline fVec load_f(const T* p, int64_t n = kV) {
-  if constexpr (std::is_same_v<T, float>) {
-    return n == kV ? fVec::loadu(p) : fVec::loadu(p, n);
-  } else {
-    if (n == kV) {
-      fVec out;
-      at::vec::load_to_float<T>(p, out);
-      return out;
-    }
-    return at::vec::convert<float>(at::vec::Vectorized<T>::loadu(p, n));
-  }
-}
-
-template <typename T>
-inline void store_t(T* p, const fVec& v, int64_t n = kV) {
-  if constexpr (std::is_same_v<T, float>) {
-    n == kV ? v.store(p) : v.store(p, n);
-  } else {
-    at::vec::convert<T>(v).store(p, n);  // converts only the kV lanes it stores
-  }
-}
-
-// v rounded to T and widened back: where the unfused sequence writes a T intermediate.
-template <typename T>
-inline fVec round_t(const fVec& v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-#if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (std::is_same_v<T, at::BFloat16>) {
-      // round to nearest even on the fp32 bits (what the conversion does), without packing to
-      // 16 bits and back: half the instructions; NaN stays NaN
-      const __m512i bits = _mm512_castps_si512(v);
-      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-      const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
-      const __m512i up = _mm512_add_epi32(bits, bias);
-      const __m512 r = _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(0xffff0000)));
-      return _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
-    }
-#endif
-    return at::vec::convert<float>(at::vec::convert<T>(v));
-  }
-}
-
-// Rows of `d`: out = T(w * T(x * rsqrt(mean(x^2) + eps))), statistics in fp32. With `res`, x is
-// first replaced by T(x + res), the sum written to `res_out` (the model's residual add rounds).
-template <typename T>
-void rms_rows(const T* x, const T* res, const T* w, T* out, T* res_out, int64_t rows, int64_t d,
-              float eps, int64_t grain) {
-  parallel_rows(rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* xr = x + r * d;
-      fVec acc0(0.f), acc1(0.f);  // two chains: the adds of one would serialize on latency
-      int64_t i = 0;
-      if (res != nullptr) {
-        T* ro = res_out + r * d;
-        for (; i < d; i += kV) {
-          const int64_t n = std::min(kV, d - i);
-          fVec v = round_t<T>(load_f(xr + i, n) + load_f(res + r * d + i, n));
-          store_t(ro + i, v, n);
-          acc0 = at::vec::fmadd(v, v, acc0);
-        }
-        xr = ro;
-      } else {
-        for (; i + 2 * kV <= d; i += 2 * kV) {
-          fVec a = load_f(xr + i), b = load_f(xr + i + kV);
-          acc0 = at::vec::fmadd(a, a, acc0);
-          acc1 = at::vec::fmadd(b, b, acc1);
-        }
-        for (; i < d; i += kV) {
-          fVec a = load_f(xr + i, std::min(kV, d - i));
-          acc0 = at::vec::fmadd(a, a, acc0);
-        }
-      }
-      const float sum = at::vec::vec_reduce_all<float>(
-          [](fVec& a, fVec& b) { return a + b; }, acc0 + acc1);
-      const fVec inv(1.f / std::sqrt(sum / static_cast<float>(d) + eps));
-      T* o = out + r * d;
-      for (i = 0; i < d; i += kV) {
-        const int64_t n = std::min(kV, d - i);
-        store_t(o + i, load_f(w + i, n) * round_t<T>(load_f(xr + i, n) * inv), n);
-      }
-    }
-  });
-}
-
-#if defined(CPU_CAPABILITY_AVX512)
-// Sleef's expf (u10), which Vectorized<float>::exp calls out of line per 16 lanes: the same
-// operations in the same order (so the same bits), inlined so consecutive vectors overlap.
-inline fVec exp_u10(const fVec& x) {
-  const __m512 d = x;
-  const __m512 log2e = _mm512_set1_ps(1.442695040888963407359924681001892137f);
-  const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(d, log2e));  // exp(d) = 2^q * exp(s)
-  const __m512 qf = _mm512_cvtepi32_ps(q);
-  __m512 s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-0.693145751953125f), d);
-  s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-1.428606765330187045e-06f), s);
-  __m512 u = _mm512_set1_ps(0.000198527617612853646278381f);
-  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00139304355252534151077271f));
-  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00833336077630519866943359f));
-  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.0416664853692054748535156f));
-  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.166666671633720397949219f));
-  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.5f));
-  u = _mm512_add_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
-  const __m512i h = _mm512_srai_epi32(q, 1);  // u * 2^q as two factors: q may exceed 127
-  const __m512i bias = _mm512_set1_epi32(0x7f);
-  const __m512 p0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(h, bias), 23));
-  const __m512 p1 =
-      _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(q, h), bias), 23));
-  u = _mm512_mul_ps(_mm512_mul_ps(u, p0), p1);
-  u = _mm512_maskz_mov_ps(~_mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.f), _CMP_LT_OQ), u);
-  return _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(_mm512_set1_ps(100.f), d, _CMP_LT_OQ),
-                            _mm512_set1_ps(std::numeric_limits<float>::infinity()));
-}
-#else
-inline fVec exp_u10(const fVec& x) { return x.exp(); }
-#endif
-
-// Rows of n: out = T(T(silu(g)) * u), silu(g) = g / (1 + exp(-g)) in fp32 with ATen's vectorized
-// exp, exactly as ATen's silu computes it; one read of g and u, one write, no [T, I] temporary.
-template <typename T>
-void silu_mul_rows(const T* g, int64_t gs, const T* u, int64_t us, T* out, int64_t rows,
-                   int64_t n, int64_t grain) {
-  const fVec one(1.f);
-  parallel_rows(rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* gr = g + r * gs;
-      const T* ur = u + r * us;
-      T* o = out + r * n;
-      for (int64_t i = 0; i < n; i += kV) {
-        const int64_t m = std::min(kV, n - i);
-        const fVec x = load_f(gr + i, m);
-        const fVec silu = round_t<T>(x / (one + exp_u10(x.neg())));
-        store_t(o + i, silu * load_f(ur + i, m), m);
-      }
-    }
-  });
-}
-
-// One of q, k: [T, heads, D] with a unit inner stride (a view of the merged qkv output).
-template <typename T>
-struct Heads {
-  const T* x;
-  T* out;  // contiguous [T, heads, D]
-  int64_t heads, stride_t, stride_h;
-};
-
-// The angle tables of one token, widened to fp32 and split the way the rotation pairs
-// elements: rotate-half pairs (i, i + D/2), interleaved pairs (2i, 2i + 1). "lo" is the first
-// element of each pair, "hi" the second. Half-width tables (one angle per pair) serve both.
-template <typename T>
-void widen_tables(const T* c, const T* s, int64_t width, int64_t half, bool is_neox, float* tab) {
-  float *c_lo = tab, *c_hi = tab + half, *s_lo = tab + 2 * half, *s_hi = tab + 3 * half;
-  for (int64_t j = 0; j < half; j += kV) {
-    const int64_t m = std::min(kV, half - j);
-    fVec clo, chi, slo, shi;
-    if (width == half) {
-      clo = chi = load_f(c + j, m);
-      slo = shi = load_f(s + j, m);
-    } else if (is_neox) {
-      clo = load_f(c + j, m), chi = load_f(c + half + j, m);
-      slo = load_f(s + j, m), shi = load_f(s + half + j, m);
-    } else {
-      const int64_t m0 = std::min(kV, 2 * m), m1 = 2 * m - m0;  // 2m elements
-      const T *c2 = c + 2 * j, *s2 = s + 2 * j;
-      std::tie(clo, chi) = at::vec::deinterleave2(load_f(c2, m0), load_f(c2 + kV, m1));
-      std::tie(slo, shi) = at::vec::deinterleave2(load_f(s2, m0), load_f(s2 + kV, m1));
-    }
-    clo.store(c_lo + j, m), chi.store(c_hi + j, m), slo.store(s_lo + j, m), shi.store(s_hi + j, m);
-  }
-}
-
-// out_lo = T(T(x_lo * cos_lo) - T(x_hi * sin_lo)), out_hi = T(T(x_hi * cos_hi) + T(x_lo * sin_hi)):
-// what x * cos + rotate(x) * sin rounds to (rotate negates x_hi exactly).
-template <typename T>
-void rotate_head(const T* x, T* o, const float* tab, int64_t half, bool is_neox) {
-  for (int64_t j = 0; j < half; j += kV) {
-    const int64_t m = std::min(kV, half - j);
-    const fVec c_lo = fVec::loadu(tab + j, m), c_hi = fVec::loadu(tab + half + j, m);
-    const fVec s_lo = fVec::loadu(tab + 2 * half + j, m);
-    const fVec s_hi = fVec::loadu(tab + 3 * half + j, m);
-    const int64_t m0 = std::min(kV, 2 * m), m1 = 2 * m - m0;  // interleaved: 2m elements
-    fVec lo, hi;
-    if (is_neox) {
-      lo = load_f(x + j, m), hi = load_f(x + half + j, m);
-    } else {
-      std::tie(lo, hi) = at::vec::deinterleave2(load_f(x + 2 * j, m0), load_f(x + 2 * j + kV, m1));
-    }
-    const fVec out_lo = round_t<T>(round_t<T>(lo * c_lo) - round_t<T>(hi * s_lo));
-    const fVec out_hi = round_t<T>(round_t<T>(hi * c_hi) + round_t<T>(lo * s_hi));
-    if (is_neox) {
-      store_t(o + j, out_lo, m), store_t(o + half + j, out_hi, m);
-    } else {
-      const auto [a, b] = at::vec::interleave2(out_lo, out_hi);
-      store_t(o + 2 * j, a, m0);
-      if (m1 > 0) store_t(o + 2 * j + kV, b, m1);
-    }
-  }
-}
-
-// q and k of each token in one pass; cos/sin rows [width] (D, or D/2: one angle per pair).
-template <typename T>
-void rotary_tokens(Heads<T> q, Heads<T> k, const T* cos, const T* sin, int64_t cs_stride,
-                   int64_t width, int64_t tokens, int64_t d, bool is_neox, int64_t grain) {
-  const int64_t half = d / 2;
-  parallel_rows(tokens, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> tab(4 * half);
-    for (int64_t t = begin; t < end; ++t) {
-      widen_tables(cos + t * cs_stride, sin + t * cs_stride, width, half, is_neox, tab.data());
-      for (const Heads<T>& x : {q, k}) {
-        for (int64_t h = 0; h < x.heads; ++h) {
-          rotate_head(x.x + t * x.stride_t + h * x.stride_h, x.out + (t * x.heads + h) * d,
-                      tab.data(), half, is_neox);
-        }
-      }
-    }
-  });
-}
-
+#include "xllm_cpu_vec.inc"
 }  // namespace vec
 }  // namespace
 
@@ -346,12 +125,23 @@ namespace {
 constexpr int64_t kGrainSilu = 1 << 14;
 constexpr int64_t kGrainRows = 1 << 15;
 
+// Whether the AVX512 section runs: where ATen itself picked AVX512.
+bool vec_avx512() {
+#if defined(XLLM_AVX512_SECTION)
+  static const bool yes = at::get_cpu_capability() == "AVX512";
+  return yes;
+#else
+  return false;
+#endif
+}
+
 // Whether the vectorized loops run (see the vec section): with a generic (scalar) at::vec on
-// x86 ATen's own kernels are faster, and the AVX512 section needs an AVX512 CPU.
+// x86 ATen's own kernels are faster; the AVX512 section needs an AVX512 CPU, the AVX2 build
+// (xllm_cpu_avx2.cpp) an AVX2 one.
 bool use_vec() {
 #if defined(XLLM_AVX512_SECTION)
-  static const bool avx512 = at::get_cpu_capability() == "AVX512";
-  return avx512;
+  static const bool yes = vec_avx512() || at::get_cpu_capability() == "AVX2";
+  return yes;
 #elif defined(__x86_64__) && !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
   return false;
 #else
@@ -362,6 +152,39 @@ bool use_vec() {
 // Rows of `row` elements per parallel task.
 int64_t grain(int64_t grain_elems, int64_t row) {
   return std::max<int64_t>(1, grain_elems / std::max<int64_t>(row, 1));
+}
+
+// The vectorized loops of the capability ATen picked (use_vec() holds): the AVX512 section's, or
+// the AVX2 build's.
+template <typename T>
+void rms_rows(const T* x, const T* res, const T* w, T* out, T* res_out, int64_t rows, int64_t d,
+              float eps, int64_t grain) {
+#if defined(XLLM_AVX512_SECTION)
+  if (!vec_avx512()) return xllm_avx2_rms_rows<T>(x, res, w, out, res_out, rows, d, eps, grain);
+#endif
+  vec::rms_rows<T>(x, res, w, out, res_out, rows, d, eps, grain);
+}
+
+template <typename T>
+void silu_mul_rows(const T* g, int64_t gs, const T* u, int64_t us, T* out, int64_t rows,
+                   int64_t n, int64_t grain) {
+#if defined(XLLM_AVX512_SECTION)
+  if (!vec_avx512()) return xllm_avx2_silu_mul_rows<T>(g, gs, u, us, out, rows, n, grain);
+#endif
+  vec::silu_mul_rows<T>(g, gs, u, us, out, rows, n, grain);
+}
+
+template <typename T>
+void rotary_tokens(const XllmHeads<T>& q, const XllmHeads<T>& k, const T* cos, const T* sin,
+                   int64_t cs_stride, int64_t width, int64_t tokens, int64_t d, bool is_neox,
+                   int64_t grain) {
+#if defined(XLLM_AVX512_SECTION)
+  if (!vec_avx512())
+    return xllm_avx2_rotary_tokens<T>(q, k, cos, sin, cs_stride, width, tokens, d, is_neox, grain);
+#endif
+  vec::rotary_tokens<T>(vec::Heads<T>{q.x, q.out, q.heads, q.stride_t, q.stride_h},
+                        vec::Heads<T>{k.x, k.out, k.heads, k.stride_t, k.stride_h}, cos, sin,
+                        cs_stride, width, tokens, d, is_neox, grain);
 }
 
 // Calls f(T{}) for the dtypes the vectorized loops take (fp32 compute); false for the others.
@@ -401,7 +224,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   const int64_t d = x.size(-1);
   const bool done = dispatch_vec(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    vec::rms_rows<T>(xc.data_ptr<T>(), nullptr, wc.data_ptr<T>(), out.data_ptr<T>(), nullptr,
+    rms_rows<T>(xc.data_ptr<T>(), nullptr, wc.data_ptr<T>(), out.data_ptr<T>(), nullptr,
                      xc.numel() / d, d, eps, grain(kGrainRows, d));
   });
   return done ? out : rms_norm_composite(x, w, eps);
@@ -422,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const
   const int64_t d = x.size(-1);
   dispatch_vec(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    vec::rms_rows<T>(xc.data_ptr<T>(), rc.data_ptr<T>(), wc.data_ptr<T>(), out.data_ptr<T>(),
+    rms_rows<T>(xc.data_ptr<T>(), rc.data_ptr<T>(), wc.data_ptr<T>(), out.data_ptr<T>(),
                      res_out.data_ptr<T>(), xc.numel() / d, d, eps, grain(kGrainRows, d));
   });
   return {out, res_out};
@@ -445,7 +268,7 @@ at::Tensor silu_and_mul(const at::Tensor& gate, const at::Tensor& up) {
   auto out = at::empty(gate.sizes(), gate.options());
   const bool done = dispatch_vec(dtype, [&](auto tag) {
     using T = decltype(tag);
-    vec::silu_mul_rows<T>(g.data_ptr<T>(), g.stride(0), u.data_ptr<T>(), u.stride(0),
+    silu_mul_rows<T>(g.data_ptr<T>(), g.stride(0), u.data_ptr<T>(), u.stride(0),
                           out.data_ptr<T>(), g.size(0), n, grain(kGrainSilu, n));
   });
   return done ? out : at::silu(gate) * up;
@@ -496,9 +319,9 @@ std::tuple<at::Tensor, at::Tensor> rotary_embedding(const at::Tensor& q, const a
   const int64_t tokens = q.size(0), d = q.size(2), width = c.size(2);
   dispatch_vec(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    vec::Heads<T> qh{q.data_ptr<T>(), q_out.data_ptr<T>(), q.size(1), q.stride(0), q.stride(1)};
-    vec::Heads<T> kh{k.data_ptr<T>(), k_out.data_ptr<T>(), k.size(1), k.stride(0), k.stride(1)};
-    vec::rotary_tokens<T>(qh, kh, c.data_ptr<T>(), s.data_ptr<T>(), width, width, tokens, d,
+    const XllmHeads<T> qh{q.data_ptr<T>(), q_out.data_ptr<T>(), q.size(1), q.stride(0), q.stride(1)};
+    const XllmHeads<T> kh{k.data_ptr<T>(), k_out.data_ptr<T>(), k.size(1), k.stride(0), k.stride(1)};
+    rotary_tokens<T>(qh, kh, c.data_ptr<T>(), s.data_ptr<T>(), width, width, tokens, d,
                           is_neox, grain(kGrainRows, (q.size(1) + k.size(1)) * d));
   });
   return {q_out, k_out};
@@ -644,7 +467,7 @@ at::Tensor xllm_dense_linear(const at::Tensor& x, const at::Tensor& w,
 
 bool xllm_use_avx512() {
 #if defined(XLLM_AVX512_SECTION)
-  return use_vec();
+  return vec_avx512();
 #else
   return false;
 #endif

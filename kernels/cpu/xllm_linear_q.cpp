@@ -11,7 +11,11 @@
 //     flipped a greedy token of SmolLM2). XLLM_QUANT_ACTIVATIONS=fp32 turns it off.
 //   AVX512, q8_0 / q4_0 / q4_1: each block decoded in registers (16 scales converted at once)
 //     and multiplied in fp32: d * (x . q) plus the offsets per row.
-//   AVX2+FMA, and the K-quants everywhere: a row decoded into fp32 in L1, then an fp32 dot.
+//   AVX2, q8_0 / q4_0 / q4_1: the same integer sums on the same activation planes, by vpmaddubsw
+//     on 256-bit registers (q8_0's values split into nibbles: no 16-bit saturation).
+//     XLLM_QUANT_ACTIVATIONS=fp32 turns it off too.
+//   AVX2+FMA otherwise, and the K-quants everywhere: a row decoded into fp32 in L1, then an fp32
+//     dot.
 //   plain C++ elsewhere.
 // A row's result never depends on the other rows of the call (same instructions per row), so
 // padding a batch to its bucket cannot move real rows' logits. More rows (prefill): each thread
@@ -833,17 +837,333 @@ inline void dot_rows_256(const float* x, int64_t ldx, const float* w, int64_t K,
   }
 }
 
+
+// ---- AVX2: the integer path on 256-bit registers (q4_0 / q4_1) -----------------------------
+// The VNNI path's arithmetic without vpdpbusd: the same activation planes (make_planes_256 writes
+// make_planes' bytes), the same weight layout, each 64-byte chunk taken as two halves of 8 blocks.
+// vpmaddubsw multiplies 32 unsigned 4-bit values by 32 digits (s8) into 16 pair sums (s16,
+// |pair| <= 2 * 15 * 128 = 3840: no saturation); the 8 pair sums of a half's chunks (4 chunks,
+// low and high nibbles) add in 16 bits (|sum| <= 30720 < 2^15), one vpmaddwd with ones widens
+// them: lane i then holds block i's 32-value digit sum, exactly the VNNI path's integer. The
+// scaling and offsets are the VNNI path's, 8 lanes at a time. Per 256 weights and activation
+// row: 24 multiplies, 21 16-bit adds, 3 widenings, 16 ops to load and unpack, 8 to join and scale.
+
+inline __m256 abs_max_256(const float* xb) {  // max |x| over 32 values, broadcast
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xb)),
+                           _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8)));
+  m = _mm256_max_ps(m, _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 16)),
+                                     _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 24))));
+  m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
+  m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0x4E));
+  return _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0xB1));
+}
+
+// An empty asm that takes the accumulators in registers: GCC otherwise reassociates a chain of
+// integer adds into a tree over all the products of a loop, each product spilled to the stack
+// first (measured: q8_0 at K = 576 4x slower than the 4-bit path a byte).
+#define XLLM_IN_REGS(...) __asm__("" : __VA_ARGS__)
+
+// 16-bit pair sums -> 32-bit lane sums
+inline __m256i widen(__m256i v) { return _mm256_madd_epi16(v, _mm256_set1_epi16(1)); }
+
+// 16 int32 (two registers) -> 16 int8, saturating (as vpmovsdb)
+inline __m128i pack_s8(__m256i a, __m256i b) {
+  const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
+  return _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+}
+
+// make_planes' bytes on AVX2 (the same roundings, in the same order; q8: for q8_0 weights).
+void make_planes_256(const float* x, int64_t M, int64_t K, bool q8, Planes& p) {
+  p.nb = K / 32;
+  p.ngroups = p.nb / kGroup;
+  const int64_t tail = p.nb % kGroup, per_unit = q8 ? 2 : 4;
+  p.units = (tail + per_unit - 1) / per_unit;
+  p.row = p.ngroups * kGroupBytes + p.units * kTailBytes;
+  p.q.resize(M * p.row);
+  p.scale.assign(M * p.nb + kMaskPad, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    std::memset(p.q.data() + m * p.row + p.ngroups * kGroupBytes, 0, p.units * kTailBytes);
+  const __m256 k256 = _mm256_set1_ps(256.f), half = _mm256_set1_ps(127.5f);
+  const __m256 lo_min = _mm256_set1_ps(-127.f), lo_max = _mm256_set1_ps(127.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < p.nb; ++b) {
+      const float* xb = x + m * K + 32 * b;
+      const float amax = _mm256_cvtss_f32(abs_max_256(xb));
+      const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      p.scale[m * p.nb + b] = s / 65536.f;
+      const bool grouped = b < p.ngroups * kGroup;
+      const int64_t t = b - p.ngroups * kGroup;
+      int8_t* at = p.q.data() + m * p.row;
+      at += grouped ? b / kGroup * kGroupBytes + 4 * (b % kGroup)
+            : q8    ? p.ngroups * kGroupBytes + t / 2 * kTailBytes + t % 2 * 32
+                    : p.ngroups * kGroupBytes + t / 4 * kTailBytes + t % 4 * 16;
+      const __m256 vinv = _mm256_set1_ps(inv);
+      for (int h = 0; h < 2; ++h) {
+        __m256i ih[2], im[2], il[2];
+        for (int e = 0; e < 2; ++e) {
+          const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xb + 16 * h + 8 * e), vinv);
+          __m256 vh = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          const __m256 r1 = _mm256_mul_ps(_mm256_sub_ps(v, vh), k256);
+          __m256 vm = _mm256_round_ps(r1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          const __m256 vl = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(r1, vm), k256),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          const __m256 carry = _mm256_cmp_ps(vm, half, _CMP_GT_OQ);
+          vh = _mm256_add_ps(vh, _mm256_and_ps(carry, _mm256_set1_ps(1.f)));
+          vm = _mm256_blendv_ps(vm, _mm256_set1_ps(-128.f), carry);
+          ih[e] = _mm256_cvtps_epi32(vh);
+          im[e] = _mm256_cvtps_epi32(vm);
+          il[e] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(vl, lo_min), lo_max));
+        }
+        const __m128i digits[kPlanes] = {pack_s8(ih[0], ih[1]), pack_s8(im[0], im[1]),
+                                         pack_s8(il[0], il[1])};
+        for (int d = 0; d < kPlanes; ++d) {
+          if (!grouped) {  // a quad's digit planes are 128 bytes apart, a pair's 64
+            int8_t* dst = at + (q8 ? d * 64 + h * 16 : d * kQuadBytes + h * 64);
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), digits[d]);
+            continue;
+          }
+          alignas(16) int8_t tmp[16];
+          _mm_store_si128(reinterpret_cast<__m128i*>(tmp), digits[d]);
+          for (int c = 0; c < 4; ++c)
+            std::memcpy(at + (4 * h + c) * kChunkBytes + d * 64, tmp + 4 * c, 4);
+        }
+      }
+    }
+  if (!q8) return;
+  // -128 * each lane's digit sum (make_planes' corr): byte sums by vpmaddubsw with ones, widened
+  const int64_t units = p.ngroups + p.units;
+  p.corr.resize(M * units * kPlanes * 16);
+  const __m256i ones8 = _mm256_set1_epi8(1);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t u = 0; u < units; ++u) {
+      const bool grouped = u < p.ngroups;
+      const int8_t* pu = p.q.data() + m * p.row +
+                         (grouped ? u * kGroupBytes : p.ngroups * kGroupBytes + (u - p.ngroups) * kTailBytes);
+      for (int d = 0; d < kPlanes; ++d)
+        for (int e = 0; e < 2; ++e) {
+          __m256i sum = _mm256_setzero_si256();  // |lane pair| <= 8 * 2 * 128
+          for (int c = 0; c < (grouped ? 8 : 1); ++c)
+            sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(ones8, _mm256_loadu_si256(
+                reinterpret_cast<const __m256i*>(pu + c * kChunkBytes + d * 64 + 32 * e))));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.corr.data() + ((m * units + u) * kPlanes + d) * 16 + 8 * e),
+                              _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(widen(sum), 7)));
+        }
+    }
+}
+
+
+// 32 bytes of packed 4-bit values as low and high nibbles
+inline void nibbles_256(__m256i v, __m256i& lo, __m256i& hi) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  lo = _mm256_and_si256(v, low4);
+  hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+}
+
+inline __m256i load_half(const uint8_t* q, int64_t bytes) {  // the first `bytes` (0, 16, 32)
+  if (bytes >= 32) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  if (bytes >= 16) return _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  return _mm256_setzero_si256();
+}
+
+// 8 fp16 at p widened, the lanes from `valid` on zero (a tail's missing blocks: their sums are 0,
+// their scale must not be the next bytes read as a NaN). p + 16 stays inside the row.
+inline __m256 halves_256(const uint8_t* p, int64_t valid = 8) {
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if (valid < 8)
+    v = _mm_and_si128(v, _mm_cmpgt_epi16(_mm_set1_epi16(static_cast<int16_t>(valid)),
+                                         _mm_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7)));
+  return _mm256_cvtph_ps(v);
+}
+
+// A half group's (8 blocks') integer sums, one weight row against one activation row: q at the
+// half's first chunk (chunks 64 bytes apart), pg at its planes (chunk c's at pg + c * kChunkBytes).
+// hm = (h << 8) + m and l, lane i for block i. Locals only: GCC kept arrays of these sums on the
+// stack (every add a spill), at half the speed.
+struct HalfSums {
+  __m256i hm, l;
+};
+
+inline HalfSums half_sums(const uint8_t* q, const int8_t* pg) {
+  __m256i h = _mm256_setzero_si256(), m = h, l = h;
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    __m256i lo, hi;
+    nibbles_256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * c)), lo, hi);
+    const int8_t* pl = pg + c * kChunkBytes;
+    const int8_t* ph = pg + (c + 4) * kChunkBytes;
+    auto plane = [](const int8_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); };
+    h = _mm256_add_epi16(h, _mm256_maddubs_epi16(lo, plane(pl)));
+    m = _mm256_add_epi16(m, _mm256_maddubs_epi16(lo, plane(pl + 64)));
+    l = _mm256_add_epi16(l, _mm256_maddubs_epi16(lo, plane(pl + 128)));
+    h = _mm256_add_epi16(h, _mm256_maddubs_epi16(hi, plane(ph)));
+    m = _mm256_add_epi16(m, _mm256_maddubs_epi16(hi, plane(ph + 64)));
+    l = _mm256_add_epi16(l, _mm256_maddubs_epi16(hi, plane(ph + 128)));
+    XLLM_IN_REGS("+x"(h), "+x"(m), "+x"(l));
+  }
+  return {_mm256_add_epi32(_mm256_slli_epi32(widen(h), 8), widen(m)), widen(l)};
+}
+
+// q8_0: a half group's (Chunks = 8) or a tail pair's block's (Chunks = 1) integer sums, the
+// VNNI path's: the weights biased to unsigned (q + 128) split into their nibbles, 16 a + b, each
+// multiplied by vpmaddubsw (|pair| <= 3840, 8 of them in 16 bits), then 16 A + B + corr (the
+// lanes' -128 * sum(digits)). q at the first chunk (chunks 64 bytes apart), pg at its planes
+// (chunk c's at pg + c * kChunkBytes, digits 64 bytes apart), corr at the unit's corrections + 8 *
+// half (digits 16 lanes apart).
+template <int Chunks>
+inline HalfSums half_sums_q8(const uint8_t* q, const int8_t* pg, const int32_t* corr) {
+  const __m256i z = _mm256_setzero_si256(), bias = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m256i ah = z, am = z, al = z, bh = z, bm = z, bl = z;
+  auto plane = [](const int8_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); };
+#pragma GCC unroll 8
+  for (int c = 0; c < Chunks; ++c) {
+    const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * c)), bias);
+    const __m256i a = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4), b = _mm256_and_si256(v, low4);
+    const int8_t* pc = pg + c * kChunkBytes;
+    ah = _mm256_add_epi16(ah, _mm256_maddubs_epi16(a, plane(pc)));
+    bh = _mm256_add_epi16(bh, _mm256_maddubs_epi16(b, plane(pc)));
+    am = _mm256_add_epi16(am, _mm256_maddubs_epi16(a, plane(pc + 64)));
+    bm = _mm256_add_epi16(bm, _mm256_maddubs_epi16(b, plane(pc + 64)));
+    al = _mm256_add_epi16(al, _mm256_maddubs_epi16(a, plane(pc + 128)));
+    bl = _mm256_add_epi16(bl, _mm256_maddubs_epi16(b, plane(pc + 128)));
+    XLLM_IN_REGS("+x"(ah), "+x"(am), "+x"(al), "+x"(bh), "+x"(bm), "+x"(bl));
+  }
+  auto join = [&](__m256i A, __m256i B, int d) {
+    return _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(widen(A), 4), widen(B)),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr + 16 * d)));
+  };
+  return {_mm256_add_epi32(_mm256_slli_epi32(join(ah, bh, 0), 8), join(am, bm, 1)), join(al, bl, 2)};
+}
+
+// A quad half's (blocks 2 of a tail unit) sum t = ((h << 8) + m) << 8 + l a lane (VNNI's quad_dot):
+// q at its 32 weight bytes (`bytes` of them real), pt at the unit's planes + 32 * half.
+inline __m256i quad_half(const uint8_t* q, int64_t bytes, const int8_t* pt) {
+  __m256i lo, hi;
+  nibbles_256(load_half(q, bytes), lo, hi);
+  auto plane = [](const int8_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); };
+  __m256i h = _mm256_add_epi16(_mm256_maddubs_epi16(lo, plane(pt)), _mm256_maddubs_epi16(hi, plane(pt + 64)));
+  __m256i m = _mm256_add_epi16(_mm256_maddubs_epi16(lo, plane(pt + kQuadBytes)),
+                               _mm256_maddubs_epi16(hi, plane(pt + kQuadBytes + 64)));
+  __m256i l = _mm256_add_epi16(_mm256_maddubs_epi16(lo, plane(pt + 2 * kQuadBytes)),
+                               _mm256_maddubs_epi16(hi, plane(pt + 2 * kQuadBytes + 64)));
+  return _mm256_add_epi32(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_slli_epi32(widen(h), 8), widen(m)), 8), widen(l));
+}
+
+// One weight row against activation row m of P: the 8 lane partial sums (avx2_sum reduces them).
+// Per half group: the offsets o * sum(x) (q4_1: o = the mins, q4_0: -8 d), then the integer sums
+// scaled by cv = d_w * s / 65536 (hm by 256 cv); then the tail's quads, lane by lane.
+template <QType T>
+inline __m256 avx2_row(const uint8_t* row, int64_t K, const Planes& P, int64_t m,
+                       const float* sums) {
+  const Row32 r = row32(T, row, K);
+  const int64_t nb = r.nb;
+  const int8_t* pm = P.q.data() + m * P.row;
+  const float* sc = P.scale.data() + m * nb;
+  const float* xs = sums + m * nb;
+  const int32_t* cm = T == QType::Q8_0 ? P.corr.data() + m * (P.ngroups + P.units) * kPlanes * 16 : nullptr;
+  auto mins = [&](int64_t b, __m256 dv, int64_t valid) {
+    if constexpr (T == QType::Q4_1) return halves_256(r.m + 2 * b, valid);
+    return _mm256_mul_ps(dv, _mm256_set1_ps(-8.f));
+  };
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t gi = 0; gi < P.ngroups; ++gi)
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const int64_t b = gi * kGroup + 8 * h;
+      const HalfSums s =
+          T == QType::Q8_0
+              ? half_sums_q8<8>(r.qs + gi * kGroup * 32 + 32 * h, pm + gi * kGroupBytes + 32 * h,
+                                cm + gi * kPlanes * 16 + 8 * h)
+              : half_sums(r.qs + gi * kGroup * 16 + 32 * h, pm + gi * kGroupBytes + 32 * h);
+      const __m256 dv = halves_256(r.d + 2 * b);
+      if constexpr (T != QType::Q8_0) acc = _mm256_fmadd_ps(mins(b, dv, 8), _mm256_loadu_ps(xs + b), acc);
+      const __m256 cv = _mm256_mul_ps(dv, _mm256_loadu_ps(sc + b));
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s.hm), _mm256_mul_ps(cv, _mm256_set1_ps(256.f)), acc);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s.l), cv, acc);
+    }
+  if (const int64_t g = P.ngroups * kGroup; g < nb) {  // the tail: quads of 4 blocks, q8_0's pairs
+    const int64_t n = nb - g;
+    __m256 cv[2];
+    for (int e = 0; e < 2; ++e) {
+      if (e && n <= 8) break;
+      const int64_t b = g + 8 * e;
+      const __m256 dv = halves_256(r.d + 2 * b, n - 8 * e);
+      if constexpr (T != QType::Q8_0)
+        acc = _mm256_fmadd_ps(mins(b, dv, n - 8 * e), _mm256_loadu_ps(xs + b), acc);
+      cv[e] = _mm256_mul_ps(dv, _mm256_loadu_ps(sc + b));
+    }
+    if constexpr (T == QType::Q8_0) {
+      for (int64_t t = 0; t < n; ++t) {  // block t of the tail: pair t / 2's half t % 2
+        const int64_t j = t / 2, e = t % 2;
+        const HalfSums s = half_sums_q8<1>(r.qs + 32 * (g + t),
+                                           pm + P.ngroups * kGroupBytes + j * kTailBytes + 32 * e,
+                                           cm + (P.ngroups + j) * kPlanes * 16 + 8 * e);
+        const __m256 cb = _mm256_permutevar8x32_ps(cv[t >= 8], _mm256_set1_epi32(static_cast<int>(t & 7)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s.hm), _mm256_mul_ps(cb, _mm256_set1_ps(256.f)), acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s.l), cb, acc);
+      }
+      return acc;
+    }
+    for (int64_t j = 0; j < P.units; ++j) {
+      const int64_t bytes = 16 * std::min<int64_t>(4, n - 4 * j);
+      const uint8_t* q = r.qs + 16 * (g + 4 * j);
+      const int8_t* pt = pm + P.ngroups * kGroupBytes + j * kTailBytes;
+      for (int h = 0; h < 2 && 32 * h < bytes; ++h) {  // blocks 4j + 2h (lanes 0-3), 4j + 2h + 1
+        const __m256i t = quad_half(q + 32 * h, bytes - 32 * h, pt + 32 * h);
+        const int b = static_cast<int>(4 * j + 2 * h) & 7;
+        const __m256i idx = _mm256_setr_epi32(b, b, b, b, b + 1, b + 1, b + 1, b + 1);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_permutevar8x32_ps(cv[j >= 2], idx), acc);
+      }
+    }
+  }
+  return acc;
+}
+
+// A row's sum of its 8 lanes, in the order avx2_4x1 sums four at once: ((0+4)+(1+5))+((2+6)+(3+7)).
+inline __m128 fold_256(__m256 v) {
+  return _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+}
+
+inline float avx2_sum(__m256 v) {
+  const __m128 q = fold_256(v);
+  const __m128 t = _mm_hadd_ps(q, q);
+  return _mm_cvtss_f32(_mm_hadd_ps(t, t));
+}
+
+template <QType T>
+void avx2_any(const uint8_t* row, int64_t K, const Planes& P, const float* sums, int64_t rows,
+              float* y) {
+  for (int64_t m = 0; m < rows; ++m) y[m] = avx2_sum(avx2_row<T>(row, K, P, m, sums));
+}
+
+// Four weight rows against activation row 0 (a batch-1 step): their four sums reduced together.
+template <QType T>
+void avx2_4x1(const uint8_t* w, int64_t row_bytes, int64_t K, const Planes& P, const float* sums,
+              float* y) {
+  __m128 q[4];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) q[i] = fold_256(avx2_row<T>(w + i * row_bytes, K, P, 0, sums));
+  _mm_storeu_ps(y, _mm_hadd_ps(_mm_hadd_ps(q[0], q[1]), _mm_hadd_ps(q[2], q[3])));
+}
+
 #pragma GCC pop_options
 #endif  // XLLM_X86
 
 enum class Isa { Plain, Avx2, Avx512 };
 
-// The integer path runs where the CPU has AVX512-VNNI, unless XLLM_QUANT_ACTIVATIONS=fp32 asks
-// for fp32 activations throughout (slower; the reference's numbers to the fp32 sums' order).
+// The integer paths run unless XLLM_QUANT_ACTIVATIONS=fp32 asks for fp32 activations throughout
+// (slower; the reference's numbers to the fp32 sums' order).
+bool int_activations() {
+  static const bool yes = std::string_view(std::getenv("XLLM_QUANT_ACTIVATIONS") ?: "") != "fp32";
+  return yes;
+}
+
+// The 512-bit integer path runs where the CPU has AVX512-VNNI.
 bool has_vnni() {
 #ifdef XLLM_X86
-  static const bool yes = __builtin_cpu_supports("avx512vnni") &&
-                          std::string_view(std::getenv("XLLM_QUANT_ACTIVATIONS") ?: "") != "fp32";
+  static const bool yes = __builtin_cpu_supports("avx512vnni") && int_activations();
   return yes;
 #else
   return false;
@@ -937,7 +1257,10 @@ void small(const Format& f, const float* x, int64_t M, int64_t K, const uint8_t*
   const bool vnni = which == Isa::Avx512 && has_vnni() && f.block == 32;
   thread_local Planes planes_tl;
   Planes& planes = planes_tl;  // the lambda below runs on other threads: bind this thread's
+  // AVX2 (or ATEN_CPU_CAPABILITY=avx2): the integer path for 4-bit weights on 256-bit registers
+  const bool int2 = which == Isa::Avx2 && int_activations() && f.block == 32;
   if (vnni) make_planes(x, M, K, f.type == QType::Q8_0, planes);
+  if (int2) make_planes_256(x, M, K, f.type == QType::Q8_0, planes);
   const bool gf = vnni && has_gfni();
 #endif
   xllm_parallel_for(N, grain, [&](int64_t n0, int64_t n1) {
@@ -949,7 +1272,7 @@ void small(const Format& f, const float* x, int64_t M, int64_t K, const uint8_t*
 #ifdef XLLM_X86
       // ~kPrefetchBytes ahead of the row being multiplied: enough bytes in flight to cover the
       // memory latency at this thread's share of the bandwidth
-      const bool four = vnni && M == 1 && n + 4 <= n1;
+      const bool four = (vnni || int2) && M == 1 && n + 4 <= n1;
       for (int64_t off = 0; off < (four ? 4 : 1) * row_bytes; off += 64) {
         const int64_t ahead = (n - n0) * row_bytes + off + kPrefetchBytes;
         if (ahead < (n1 - n0) * row_bytes)
@@ -957,7 +1280,11 @@ void small(const Format& f, const float* x, int64_t M, int64_t K, const uint8_t*
       }
       if (four) {  // four rows of a batch-1 step
         float y4[4];
-        if (f.type == QType::Q4_1)
+        if (int2)
+          (f.type == QType::Q4_1   ? avx2_4x1<QType::Q4_1>
+           : f.type == QType::Q4_0 ? avx2_4x1<QType::Q4_0>
+                                   : avx2_4x1<QType::Q8_0>)(row, row_bytes, K, planes, sums.data(), y4);
+        else if (f.type == QType::Q4_1)
           (gf ? vnni_4x1<QType::Q4_1, true> : vnni_4x1<QType::Q4_1, false>)(
               row, row_bytes, K, planes, sums.data(), y4);
         else if (f.type == QType::Q4_0)
@@ -971,7 +1298,11 @@ void small(const Format& f, const float* x, int64_t M, int64_t K, const uint8_t*
       }
 #endif
 #ifdef XLLM_X86
-      if (vnni && f.type == QType::Q4_1) {
+      if (int2) {
+        (f.type == QType::Q4_1   ? avx2_any<QType::Q4_1>
+         : f.type == QType::Q4_0 ? avx2_any<QType::Q4_0>
+                                 : avx2_any<QType::Q8_0>)(row, K, planes, sums.data(), M, y);
+      } else if (vnni && f.type == QType::Q4_1) {
         (gf ? vnni_any<QType::Q4_1, true> : vnni_any<QType::Q4_1, false>)(
             row, K, planes, sums.data(), M, y);
       } else if (vnni && f.type == QType::Q4_0) {

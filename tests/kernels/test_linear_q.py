@@ -30,8 +30,8 @@ from xllm_compile.kernels.linear_q import (
 )
 
 GGML = {"q8_0": GT.Q8_0, "q4_0": GT.Q4_0, "q4_1": GT.Q4_1, "q4_k": GT.Q4_K, "q6_k": GT.Q6_K}
-# the kernel's activations are fp32, or, on AVX512-VNNI, kept to 16 bits a block of 32 (two int8
-# planes): ~4e-5 of the largest output at worst here
+# the kernel's activations are fp32, or, on the integer paths (AVX512-VNNI, AVX2), kept to ~24 bits
+# a block of 32 (three int8 planes): ~1e-6 of the largest output here
 TOL = {torch.float32: 2e-4, torch.bfloat16: 2e-2}
 
 
@@ -172,11 +172,16 @@ def test_gfni_unpacking_is_bit_for_bit_the_shift_and_mask():
 
 
 @pytest.mark.skipif(ensure_loaded() is not None, reason="no C++ kernels on this machine")
-@pytest.mark.parametrize("capability", ["avx2", "default", "avx512"])
-def test_lower_isa_paths(capability):
-    """ATEN_CPU_CAPABILITY=avx2 runs the AVX2 decoders, =default the plain C++ ones; on AVX512,
-    XLLM_QUANT_ACTIVATIONS=fp32 the blocks decoded in registers without VNNI (an AVX512 CPU
-    without it runs that path)."""
+@pytest.mark.parametrize(
+    "capability,activations",
+    [("avx2", "int"), ("avx2", "fp32"), ("default", "fp32"), ("avx512", "fp32")],
+)
+def test_lower_isa_paths(capability, activations):
+    """ATEN_CPU_CAPABILITY=avx2 runs the AVX2 integer path (q8_0 / q4_0 / q4_1 on int8 activation
+    planes; the K-quants decoded) or, with XLLM_QUANT_ACTIVATIONS=fp32, the AVX2 decoders; =default
+    the plain C++ ones; on AVX512, XLLM_QUANT_ACTIVATIONS=fp32 the blocks decoded in registers
+    without VNNI (an AVX512 CPU without it runs that path). Each also keeps a row's result
+    independent of its call's other rows (a batch-1 step takes the four-row kernel)."""
     have = torch.backends.cpu.get_cpu_capability()
     if capability == "avx2" and have not in ("AVX2", "AVX512"):
         pytest.skip("this CPU has no AVX2")
@@ -186,16 +191,26 @@ def test_lower_isa_paths(capability):
         """
         import torch, sys
         sys.path.insert(0, sys.argv[1])
-        from test_linear_q import FORMATS, SHAPES, _check_kernel
+        from test_linear_q import FORMATS, SHAPES, _check_kernel, random_blocks
         assert torch.backends.cpu.get_cpu_capability() == sys.argv[2].upper(), sys.argv[2]
         for qtype in FORMATS:
             for n, k in SHAPES[FORMATS[qtype][0]][:4]:
                 for rows in (1, 3, 5, 17):
                     _check_kernel(qtype, n, k, rows, torch.float32, bias=True)
+            k = 576 if FORMATS[qtype][0] == 32 else 768
+            for k in (k, 1536 if k == 576 else k):
+                q = random_blocks(qtype, 45, k)
+                x = torch.randn(6, k)
+                out = torch.ops.xllm.linear_q(x, q, qtype)
+                for i in range(6):
+                    assert torch.equal(torch.ops.xllm.linear_q(x[i : i + 1], q, qtype)[0], out[i])
         print("ok")
         """
     )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "XLLM_QUANT_ACTIVATIONS": "fp32"}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    env.pop("XLLM_QUANT_ACTIVATIONS", None)
+    if activations == "fp32":
+        env["XLLM_QUANT_ACTIVATIONS"] = "fp32"
     here = os.path.dirname(__file__)
     proc = subprocess.run(
         [sys.executable, "-c", script, here, capability],
