@@ -6,6 +6,10 @@ blocks, sliding windows, fp32 and bf16, against the naive per-token definition."
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from test_attention_ops import naive_attention
@@ -42,7 +46,7 @@ def test_decode_fast_path_matches_naive(token_major, dtype, heads, kv_heads, hea
     args = (q, cache, 1, positions, slots, q_lens, seq_lens, head_dim**-0.5, window)
     with torch.profiler.profile() as prof:
         out = torch.ops.xllm.attention(*args)
-    if torch.backends.cpu.get_cpu_capability() == "AVX512":  # elsewhere the general path runs
+    if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX2"):  # else the general path
         ran = {e.name for e in prof.events()}
         assert not any("scaled_dot_product" in name for name in ran)  # the fast path, not SDPA
     expected = naive_attention(q.float(), cache.float(), *args[2:])
@@ -103,3 +107,23 @@ def test_store_kv_out_of_range_still_raises():
     k = torch.randn(1, 3, 64)
     with pytest.raises((IndexError, RuntimeError)):
         torch.ops.xllm.store_kv(cache, 0, k, k, torch.tensor([0]), torch.tensor([MAX_LEN]))
+
+
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() != "AVX512",
+    reason="an AVX2 CPU runs the AVX2 paths in the tests above already",
+)
+def test_avx2_paths_on_an_avx512_cpu():
+    """ATEN_CPU_CAPABILITY=avx2 (a child pytest): the AVX2 decode attention and the AVX2 build of
+    the fused norm/rotary/silu loops (xllm_cpu_avx2.cpp), which an AVX2-only CPU runs, pass this
+    file's and test_fused_ops.py's checks on an AVX512 CI machine too."""
+    here = os.path.dirname(__file__)
+    tests = [os.path.join(here, name) for name in ("test_decode_attention.py", "test_fused_ops.py")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests,
+         "-k", "not avx2_paths_on"],
+        env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"},
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout
