@@ -11,9 +11,9 @@
 //     flipped a greedy token of SmolLM2). XLLM_QUANT_ACTIVATIONS=fp32 turns it off.
 //   AVX512, q8_0 / q4_0 / q4_1: each block decoded in registers (16 scales converted at once)
 //     and multiplied in fp32: d * (x . q) plus the offsets per row.
-//   AVX2, q8_0 / q4_0 / q4_1: the same integer sums on the same activation planes, by vpmaddubsw
-//     on 256-bit registers (q8_0's values split into nibbles: no 16-bit saturation).
-//     XLLM_QUANT_ACTIVATIONS=fp32 turns it off too.
+//   AVX2, q4_0 / q4_1: the same integer sums on the same activation planes, by vpmaddubsw on
+//     256-bit registers; q8_0: two 16-bit activation digits a value (~30 bits), by vpmaddwd.
+//     XLLM_QUANT_ACTIVATIONS=fp32 turns them off too.
 //   AVX2+FMA otherwise, and the K-quants everywhere: a row decoded into fp32 in L1, then an fp32
 //     dot.
 //   plain C++ elsewhere.
@@ -873,12 +873,11 @@ inline __m128i pack_s8(__m256i a, __m256i b) {
   return _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
 }
 
-// make_planes' bytes on AVX2 (the same roundings, in the same order; q8: for q8_0 weights).
-void make_planes_256(const float* x, int64_t M, int64_t K, bool q8, Planes& p) {
+// make_planes' bytes for 4-bit weights, on AVX2 (the same roundings, in the same order).
+void make_planes_256(const float* x, int64_t M, int64_t K, Planes& p) {
   p.nb = K / 32;
   p.ngroups = p.nb / kGroup;
-  const int64_t tail = p.nb % kGroup, per_unit = q8 ? 2 : 4;
-  p.units = (tail + per_unit - 1) / per_unit;
+  p.units = (p.nb % kGroup + 3) / 4;
   p.row = p.ngroups * kGroupBytes + p.units * kTailBytes;
   p.q.resize(M * p.row);
   p.scale.assign(M * p.nb + kMaskPad, 0.f);
@@ -896,7 +895,6 @@ void make_planes_256(const float* x, int64_t M, int64_t K, bool q8, Planes& p) {
       const int64_t t = b - p.ngroups * kGroup;
       int8_t* at = p.q.data() + m * p.row;
       at += grouped ? b / kGroup * kGroupBytes + 4 * (b % kGroup)
-            : q8    ? p.ngroups * kGroupBytes + t / 2 * kTailBytes + t % 2 * 32
                     : p.ngroups * kGroupBytes + t / 4 * kTailBytes + t % 4 * 16;
       const __m256 vinv = _mm256_set1_ps(inv);
       for (int h = 0; h < 2; ++h) {
@@ -918,9 +916,8 @@ void make_planes_256(const float* x, int64_t M, int64_t K, bool q8, Planes& p) {
         const __m128i digits[kPlanes] = {pack_s8(ih[0], ih[1]), pack_s8(im[0], im[1]),
                                          pack_s8(il[0], il[1])};
         for (int d = 0; d < kPlanes; ++d) {
-          if (!grouped) {  // a quad's digit planes are 128 bytes apart, a pair's 64
-            int8_t* dst = at + (q8 ? d * 64 + h * 16 : d * kQuadBytes + h * 64);
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), digits[d]);
+          if (!grouped) {  // a quad's digit planes are 128 bytes apart
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(at + d * kQuadBytes + h * 64), digits[d]);
             continue;
           }
           alignas(16) int8_t tmp[16];
@@ -929,26 +926,6 @@ void make_planes_256(const float* x, int64_t M, int64_t K, bool q8, Planes& p) {
             std::memcpy(at + (4 * h + c) * kChunkBytes + d * 64, tmp + 4 * c, 4);
         }
       }
-    }
-  if (!q8) return;
-  // -128 * each lane's digit sum (make_planes' corr): byte sums by vpmaddubsw with ones, widened
-  const int64_t units = p.ngroups + p.units;
-  p.corr.resize(M * units * kPlanes * 16);
-  const __m256i ones8 = _mm256_set1_epi8(1);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t u = 0; u < units; ++u) {
-      const bool grouped = u < p.ngroups;
-      const int8_t* pu = p.q.data() + m * p.row +
-                         (grouped ? u * kGroupBytes : p.ngroups * kGroupBytes + (u - p.ngroups) * kTailBytes);
-      for (int d = 0; d < kPlanes; ++d)
-        for (int e = 0; e < 2; ++e) {
-          __m256i sum = _mm256_setzero_si256();  // |lane pair| <= 8 * 2 * 128
-          for (int c = 0; c < (grouped ? 8 : 1); ++c)
-            sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(ones8, _mm256_loadu_si256(
-                reinterpret_cast<const __m256i*>(pu + c * kChunkBytes + d * 64 + 32 * e))));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.corr.data() + ((m * units + u) * kPlanes + d) * 16 + 8 * e),
-                              _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(widen(sum), 7)));
-        }
     }
 }
 
@@ -1004,38 +981,6 @@ inline HalfSums half_sums(const uint8_t* q, const int8_t* pg) {
   return {_mm256_add_epi32(_mm256_slli_epi32(widen(h), 8), widen(m)), widen(l)};
 }
 
-// q8_0: a half group's (Chunks = 8) or a tail pair's block's (Chunks = 1) integer sums, the
-// VNNI path's: the weights biased to unsigned (q + 128) split into their nibbles, 16 a + b, each
-// multiplied by vpmaddubsw (|pair| <= 3840, 8 of them in 16 bits), then 16 A + B + corr (the
-// lanes' -128 * sum(digits)). q at the first chunk (chunks 64 bytes apart), pg at its planes
-// (chunk c's at pg + c * kChunkBytes, digits 64 bytes apart), corr at the unit's corrections + 8 *
-// half (digits 16 lanes apart).
-template <int Chunks>
-inline HalfSums half_sums_q8(const uint8_t* q, const int8_t* pg, const int32_t* corr) {
-  const __m256i z = _mm256_setzero_si256(), bias = _mm256_set1_epi8(static_cast<char>(0x80));
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  __m256i ah = z, am = z, al = z, bh = z, bm = z, bl = z;
-  auto plane = [](const int8_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); };
-#pragma GCC unroll 8
-  for (int c = 0; c < Chunks; ++c) {
-    const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * c)), bias);
-    const __m256i a = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4), b = _mm256_and_si256(v, low4);
-    const int8_t* pc = pg + c * kChunkBytes;
-    ah = _mm256_add_epi16(ah, _mm256_maddubs_epi16(a, plane(pc)));
-    bh = _mm256_add_epi16(bh, _mm256_maddubs_epi16(b, plane(pc)));
-    am = _mm256_add_epi16(am, _mm256_maddubs_epi16(a, plane(pc + 64)));
-    bm = _mm256_add_epi16(bm, _mm256_maddubs_epi16(b, plane(pc + 64)));
-    al = _mm256_add_epi16(al, _mm256_maddubs_epi16(a, plane(pc + 128)));
-    bl = _mm256_add_epi16(bl, _mm256_maddubs_epi16(b, plane(pc + 128)));
-    XLLM_IN_REGS("+x"(ah), "+x"(am), "+x"(al), "+x"(bh), "+x"(bm), "+x"(bl));
-  }
-  auto join = [&](__m256i A, __m256i B, int d) {
-    return _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(widen(A), 4), widen(B)),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr + 16 * d)));
-  };
-  return {_mm256_add_epi32(_mm256_slli_epi32(join(ah, bh, 0), 8), join(am, bm, 1)), join(al, bl, 2)};
-}
-
 // A quad half's (blocks 2 of a tail unit) sum t = ((h << 8) + m) << 8 + l a lane (VNNI's quad_dot):
 // q at its 32 weight bytes (`bytes` of them real), pt at the unit's planes + 32 * half.
 inline __m256i quad_half(const uint8_t* q, int64_t bytes, const int8_t* pt) {
@@ -1062,7 +1007,6 @@ inline __m256 avx2_row(const uint8_t* row, int64_t K, const Planes& P, int64_t m
   const int8_t* pm = P.q.data() + m * P.row;
   const float* sc = P.scale.data() + m * nb;
   const float* xs = sums + m * nb;
-  const int32_t* cm = T == QType::Q8_0 ? P.corr.data() + m * (P.ngroups + P.units) * kPlanes * 16 : nullptr;
   auto mins = [&](int64_t b, __m256 dv, int64_t valid) {
     if constexpr (T == QType::Q4_1) return halves_256(r.m + 2 * b, valid);
     return _mm256_mul_ps(dv, _mm256_set1_ps(-8.f));
@@ -1072,39 +1016,22 @@ inline __m256 avx2_row(const uint8_t* row, int64_t K, const Planes& P, int64_t m
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       const int64_t b = gi * kGroup + 8 * h;
-      const HalfSums s =
-          T == QType::Q8_0
-              ? half_sums_q8<8>(r.qs + gi * kGroup * 32 + 32 * h, pm + gi * kGroupBytes + 32 * h,
-                                cm + gi * kPlanes * 16 + 8 * h)
-              : half_sums(r.qs + gi * kGroup * 16 + 32 * h, pm + gi * kGroupBytes + 32 * h);
+      const HalfSums s = half_sums(r.qs + gi * kGroup * 16 + 32 * h, pm + gi * kGroupBytes + 32 * h);
       const __m256 dv = halves_256(r.d + 2 * b);
-      if constexpr (T != QType::Q8_0) acc = _mm256_fmadd_ps(mins(b, dv, 8), _mm256_loadu_ps(xs + b), acc);
+      acc = _mm256_fmadd_ps(mins(b, dv, 8), _mm256_loadu_ps(xs + b), acc);
       const __m256 cv = _mm256_mul_ps(dv, _mm256_loadu_ps(sc + b));
       acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s.hm), _mm256_mul_ps(cv, _mm256_set1_ps(256.f)), acc);
       acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s.l), cv, acc);
     }
-  if (const int64_t g = P.ngroups * kGroup; g < nb) {  // the tail: quads of 4 blocks, q8_0's pairs
+  if (const int64_t g = P.ngroups * kGroup; g < nb) {  // the tail: quads of 4 blocks
     const int64_t n = nb - g;
     __m256 cv[2];
     for (int e = 0; e < 2; ++e) {
       if (e && n <= 8) break;
       const int64_t b = g + 8 * e;
       const __m256 dv = halves_256(r.d + 2 * b, n - 8 * e);
-      if constexpr (T != QType::Q8_0)
-        acc = _mm256_fmadd_ps(mins(b, dv, n - 8 * e), _mm256_loadu_ps(xs + b), acc);
+      acc = _mm256_fmadd_ps(mins(b, dv, n - 8 * e), _mm256_loadu_ps(xs + b), acc);
       cv[e] = _mm256_mul_ps(dv, _mm256_loadu_ps(sc + b));
-    }
-    if constexpr (T == QType::Q8_0) {
-      for (int64_t t = 0; t < n; ++t) {  // block t of the tail: pair t / 2's half t % 2
-        const int64_t j = t / 2, e = t % 2;
-        const HalfSums s = half_sums_q8<1>(r.qs + 32 * (g + t),
-                                           pm + P.ngroups * kGroupBytes + j * kTailBytes + 32 * e,
-                                           cm + (P.ngroups + j) * kPlanes * 16 + 8 * e);
-        const __m256 cb = _mm256_permutevar8x32_ps(cv[t >= 8], _mm256_set1_epi32(static_cast<int>(t & 7)));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s.hm), _mm256_mul_ps(cb, _mm256_set1_ps(256.f)), acc);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s.l), cb, acc);
-      }
-      return acc;
     }
     for (int64_t j = 0; j < P.units; ++j) {
       const int64_t bytes = 16 * std::min<int64_t>(4, n - 4 * j);
@@ -1145,6 +1072,128 @@ void avx2_4x1(const uint8_t* w, int64_t row_bytes, int64_t K, const Planes& P, c
   __m128 q[4];
 #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) q[i] = fold_256(avx2_row<T>(w + i * row_bytes, K, P, 0, sums));
+  _mm_storeu_ps(y, _mm_hadd_ps(_mm_hadd_ps(q[0], q[1]), _mm_hadd_ps(q[2], q[3])));
+}
+
+
+// ---- AVX2, q8_0: 16-bit activation planes and vpmaddwd ---------------------------------------
+// The byte planes cost q8_0 two vpmaddubsw a plane (its values split into nibbles, so that no
+// 16-bit product sum saturates): 48 multiplies per 256 weights. Here each activation is two 16-bit
+// digits instead, s = amax / 32767 per block of 32, hi = round(x / s), lo = round((x / s - hi) *
+// 32768) (|lo| <= 16384), x = s * (hi + lo / 32768): ~30 bits, and the weights are sign-extended
+// to 16 bits: vpmaddwd's pair sums are exact (|block sum| <= 32 * 128 * 32767 < 2^31). 32
+// multiplies per 256 weights. A half group's weights are 8 chunks of 32 bytes (block i's 4 values
+// at bytes 4i..4i+3); its planes per chunk and digit 32 int16 in the same order (64 bytes), so
+// vpmaddwd leaves two lanes per block, joined by one hadd per half and digit.
+struct Planes16 {
+  std::vector<int16_t> q;    // [M][row]: per group, half, chunk, digit: 32; then per tail block, digit: 32
+  std::vector<float> scale;  // [M][nb]: s
+  int64_t nb = 0, ngroups = 0, row = 0;  // row in int16
+};
+
+void make_planes16(const float* x, int64_t M, int64_t K, Planes16& p) {
+  p.nb = K / 32;
+  p.ngroups = p.nb / kGroup;
+  p.row = p.nb * 64;  // 32 values, two digits, a block
+  p.q.resize(M * p.row);
+  p.scale.assign(M * p.nb + kMaskPad, 0.f);
+  const __m256 k32768 = _mm256_set1_ps(32768.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < p.nb; ++b) {
+      const float* xb = x + m * K + 32 * b;
+      const float amax = _mm256_cvtss_f32(abs_max_256(xb));
+      const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+      p.scale[m * p.nb + b] = amax / 32767.f;
+      alignas(32) int16_t hi[32], lo[32];
+      const __m256 vinv = _mm256_set1_ps(inv);
+      for (int e = 0; e < 4; e += 2) {
+        __m256i ih[2], il[2];
+        for (int k = 0; k < 2; ++k) {
+          const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xb + 8 * (e + k)), vinv);
+          const __m256 vh = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          ih[k] = _mm256_cvtps_epi32(vh);
+          il[k] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(v, vh), k32768),
+                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        }
+        // 16 int32 -> int16 in order (packs works per 128-bit lane)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(hi + 8 * e),
+                           _mm256_permute4x64_epi64(_mm256_packs_epi32(ih[0], ih[1]), 0xD8));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lo + 8 * e),
+                           _mm256_permute4x64_epi64(_mm256_packs_epi32(il[0], il[1]), 0xD8));
+      }
+      int16_t* at = p.q.data() + m * p.row;
+      if (b < p.ngroups * kGroup) {  // chunk c holds values 4c..4c+3 of block i at 4i
+        const int64_t gi = b / kGroup, i = b % kGroup, h = i / 8, bi = i % 8;
+        for (int c = 0; c < 8; ++c) {
+          int16_t* dst = at + (((gi * 2 + h) * 8 + c) * 2) * 32 + 4 * bi;
+          std::memcpy(dst, hi + 4 * c, 8);
+          std::memcpy(dst + 32, lo + 4 * c, 8);
+        }
+      } else {
+        int16_t* dst = at + b * 64;
+        std::memcpy(dst, hi, 64);
+        std::memcpy(dst + 32, lo, 64);
+      }
+    }
+}
+
+// One q8_0 weight row against activation row m: 8 lane partial sums (avx2_sum reduces them). Per
+// half group: H = sum(w * hi), L = sum(w * lo) per block, acc += H * d s + L * d s / 32768; the
+// tail's blocks one at a time, in their lanes.
+inline __m256 avx2_row_q8(const uint8_t* row, int64_t K, const Planes16& P, int64_t m) {
+  const Row32 r = row32(QType::Q8_0, row, K);
+  const int16_t* pm = P.q.data() + m * P.row;
+  const float* sc = P.scale.data() + m * r.nb;
+  auto plane = [](const int16_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); };
+  const __m256 inv32768 = _mm256_set1_ps(1.f / 32768.f);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t gi = 0; gi < P.ngroups; ++gi)
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* q = r.qs + gi * kGroup * 32 + 32 * h;
+      const int16_t* pg = pm + (gi * 2 + h) * 8 * 64;
+      __m256i ha = _mm256_setzero_si256(), hb = ha, la = ha, lb = ha;  // a: blocks 0-3, b: 4-7
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * c));
+        const __m256i wa = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
+        const __m256i wb = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1));
+        const int16_t* pc = pg + c * 64;
+        ha = _mm256_add_epi32(ha, _mm256_madd_epi16(wa, plane(pc)));
+        hb = _mm256_add_epi32(hb, _mm256_madd_epi16(wb, plane(pc + 16)));
+        la = _mm256_add_epi32(la, _mm256_madd_epi16(wa, plane(pc + 32)));
+        lb = _mm256_add_epi32(lb, _mm256_madd_epi16(wb, plane(pc + 48)));
+        XLLM_IN_REGS("+x"(ha), "+x"(hb), "+x"(la), "+x"(lb));
+      }
+      const __m256i H = _mm256_permute4x64_epi64(_mm256_hadd_epi32(ha, hb), 0xD8);
+      const __m256i L = _mm256_permute4x64_epi64(_mm256_hadd_epi32(la, lb), 0xD8);
+      const int64_t b = gi * kGroup + 8 * h;
+      const __m256 cv = _mm256_mul_ps(halves_256(r.d + 2 * b), _mm256_loadu_ps(sc + b));
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(H), cv, acc);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(L), _mm256_mul_ps(cv, inv32768), acc);
+    }
+  for (int64_t b = P.ngroups * kGroup; b < r.nb; ++b) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.qs + 32 * b));
+    const __m256i wa = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
+    const __m256i wb = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1));
+    const int16_t* pb = pm + b * 64;
+    const __m256i H = _mm256_add_epi32(_mm256_madd_epi16(wa, plane(pb)), _mm256_madd_epi16(wb, plane(pb + 16)));
+    const __m256i L = _mm256_add_epi32(_mm256_madd_epi16(wa, plane(pb + 32)), _mm256_madd_epi16(wb, plane(pb + 48)));
+    const __m256 cv = _mm256_set1_ps(half_f16c2(r.d + 2 * b) * sc[b]);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(H), cv, acc);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(L), _mm256_mul_ps(cv, inv32768), acc);
+  }
+  return acc;
+}
+
+void avx2_any_q8(const uint8_t* row, int64_t K, const Planes16& P, int64_t rows, float* y) {
+  for (int64_t m = 0; m < rows; ++m) y[m] = avx2_sum(avx2_row_q8(row, K, P, m));
+}
+
+void avx2_4x1_q8(const uint8_t* w, int64_t row_bytes, int64_t K, const Planes16& P, float* y) {
+  __m128 q[4];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) q[i] = fold_256(avx2_row_q8(w + i * row_bytes, K, P, 0));
   _mm_storeu_ps(y, _mm_hadd_ps(_mm_hadd_ps(q[0], q[1]), _mm_hadd_ps(q[2], q[3])));
 }
 
@@ -1260,7 +1309,11 @@ void small(const Format& f, const float* x, int64_t M, int64_t K, const uint8_t*
   // AVX2 (or ATEN_CPU_CAPABILITY=avx2): the integer path for 4-bit weights on 256-bit registers
   const bool int2 = which == Isa::Avx2 && int_activations() && f.block == 32;
   if (vnni) make_planes(x, M, K, f.type == QType::Q8_0, planes);
-  if (int2) make_planes_256(x, M, K, f.type == QType::Q8_0, planes);
+  thread_local Planes16 planes16_tl;  // q8_0's
+  Planes16& planes16 = planes16_tl;
+  const bool q8w = int2 && f.type == QType::Q8_0;
+  if (int2 && !q8w) make_planes_256(x, M, K, planes);
+  if (q8w) make_planes16(x, M, K, planes16);
   const bool gf = vnni && has_gfni();
 #endif
   xllm_parallel_for(N, grain, [&](int64_t n0, int64_t n1) {
@@ -1280,10 +1333,11 @@ void small(const Format& f, const float* x, int64_t M, int64_t K, const uint8_t*
       }
       if (four) {  // four rows of a batch-1 step
         float y4[4];
-        if (int2)
-          (f.type == QType::Q4_1   ? avx2_4x1<QType::Q4_1>
-           : f.type == QType::Q4_0 ? avx2_4x1<QType::Q4_0>
-                                   : avx2_4x1<QType::Q8_0>)(row, row_bytes, K, planes, sums.data(), y4);
+        if (q8w)
+          avx2_4x1_q8(row, row_bytes, K, planes16, y4);
+        else if (int2)
+          (f.type == QType::Q4_1 ? avx2_4x1<QType::Q4_1> : avx2_4x1<QType::Q4_0>)(
+              row, row_bytes, K, planes, sums.data(), y4);
         else if (f.type == QType::Q4_1)
           (gf ? vnni_4x1<QType::Q4_1, true> : vnni_4x1<QType::Q4_1, false>)(
               row, row_bytes, K, planes, sums.data(), y4);
@@ -1298,10 +1352,11 @@ void small(const Format& f, const float* x, int64_t M, int64_t K, const uint8_t*
       }
 #endif
 #ifdef XLLM_X86
-      if (int2) {
-        (f.type == QType::Q4_1   ? avx2_any<QType::Q4_1>
-         : f.type == QType::Q4_0 ? avx2_any<QType::Q4_0>
-                                 : avx2_any<QType::Q8_0>)(row, K, planes, sums.data(), M, y);
+      if (q8w) {
+        avx2_any_q8(row, K, planes16, M, y);
+      } else if (int2) {
+        (f.type == QType::Q4_1 ? avx2_any<QType::Q4_1> : avx2_any<QType::Q4_0>)(
+            row, K, planes, sums.data(), M, y);
       } else if (vnni && f.type == QType::Q4_1) {
         (gf ? vnni_any<QType::Q4_1, true> : vnni_any<QType::Q4_1, false>)(
             row, K, planes, sums.data(), M, y);
