@@ -149,33 +149,6 @@ void head_group(const T* q, int64_t q_stride, int64_t g, const T* k, const T* v,
 }
 
 
-template <typename T, int DV>
-void decode_all(const at::Tensor& q, const at::Tensor& cache, const int64_t* slot,
-                const int64_t* slen, int64_t window, float scale, at::Tensor& out) {
-  const int64_t B = q.size(0), H = q.size(1), Hkv = cache.size(3);
-  const int64_t g = H / Hkv;
-  const T* qp = q.const_data_ptr<T>();
-  const T* cp = cache.const_data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  const int64_t kv_stride = cache.stride(0), slot_stride = cache.stride(1);
-  const int64_t row = cache.stride(2), head_stride = cache.stride(3);
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), os0 = out.stride(0), os1 = out.stride(1);
-  int64_t longest = 1;
-  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, slen[b]);
-  // one task per (sequence, KV head); a thread takes at least ~256 rows (~10 us of work)
-  const int64_t grain = std::max<int64_t>(1, 256 / longest);
-  xllm_parallel_for(B * Hkv, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, h = task % Hkv, len = slen[b];
-      const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const T* k = cp + slot[b] * slot_stride + h * head_stride;
-      head_group<T, DV>(qp + b * qs0 + h * g * qs1, qs1, g, k, k + kv_stride, row, lo, len, scale,
-                        op + b * os0 + h * g * os1, os1, scores);
-    }
-  });
-}
-
 #pragma GCC pop_options
 #endif
 
@@ -315,9 +288,15 @@ void head_group_256(const T* q, int64_t q_stride, int64_t g, const T* k, const T
     }
 }
 
-template <typename T, int DV>
-void decode_all_256(const at::Tensor& q, const at::Tensor& cache, const int64_t* slot,
-                    const int64_t* slen, int64_t window, float scale, at::Tensor& out) {
+#pragma GCC pop_options
+#endif
+
+#ifdef XLLM_AVX512
+// Every (sequence, KV head) of the step through `head` (head_group<T, D / 16> or head_group_256<T,
+// D / 8>), on ATen's threads. Outside both ISA sections: every CPU runs this part.
+template <typename T, typename Head>
+void decode_all(const at::Tensor& q, const at::Tensor& cache, const int64_t* slot,
+                const int64_t* slen, int64_t window, float scale, at::Tensor& out, Head head) {
   const int64_t B = q.size(0), H = q.size(1), Hkv = cache.size(3);
   const int64_t g = H / Hkv;
   const T* qp = q.const_data_ptr<T>();
@@ -328,20 +307,19 @@ void decode_all_256(const at::Tensor& q, const at::Tensor& cache, const int64_t*
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), os0 = out.stride(0), os1 = out.stride(1);
   int64_t longest = 1;
   for (int64_t b = 0; b < B; ++b) longest = std::max(longest, slen[b]);
-  const int64_t grain = std::max<int64_t>(1, 256 / longest);  // as decode_all
+  // one task per (sequence, KV head); a thread takes at least ~256 rows (~10 us of work)
+  const int64_t grain = std::max<int64_t>(1, 256 / longest);
   xllm_parallel_for(B * Hkv, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv, len = slen[b];
       const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       const T* k = cp + slot[b] * slot_stride + h * head_stride;
-      head_group_256<T, DV>(qp + b * qs0 + h * g * qs1, qs1, g, k, k + kv_stride, row, lo, len,
-                            scale, op + b * os0 + h * g * os1, os1, scores);
+      head(qp + b * qs0 + h * g * qs1, qs1, g, k, k + kv_stride, row, lo, len, scale,
+           op + b * os0 + h * g * os1, os1, scores);
     }
   });
 }
-
-#pragma GCC pop_options
 #endif
 
 }  // namespace
@@ -375,18 +353,18 @@ bool xllm_decode_attention(const at::Tensor& q, const at::Tensor& cache, const i
     using T = decltype(dtype_tag);
     if (!wide) {
       switch (D) {
-        case 16: decode_all_256<T, 2>(q, cache, slot, slen, window, s, out); break;
-        case 32: decode_all_256<T, 4>(q, cache, slot, slen, window, s, out); break;
-        case 64: decode_all_256<T, 8>(q, cache, slot, slen, window, s, out); break;
-        default: decode_all_256<T, 16>(q, cache, slot, slen, window, s, out); break;
+        case 16: decode_all<T>(q, cache, slot, slen, window, s, out, head_group_256<T, 2>); break;
+        case 32: decode_all<T>(q, cache, slot, slen, window, s, out, head_group_256<T, 4>); break;
+        case 64: decode_all<T>(q, cache, slot, slen, window, s, out, head_group_256<T, 8>); break;
+        default: decode_all<T>(q, cache, slot, slen, window, s, out, head_group_256<T, 16>); break;
       }
       return;
     }
     switch (D) {
-      case 16: decode_all<T, 1>(q, cache, slot, slen, window, s, out); break;
-      case 32: decode_all<T, 2>(q, cache, slot, slen, window, s, out); break;
-      case 64: decode_all<T, 4>(q, cache, slot, slen, window, s, out); break;
-      default: decode_all<T, 8>(q, cache, slot, slen, window, s, out); break;
+      case 16: decode_all<T>(q, cache, slot, slen, window, s, out, head_group<T, 1>); break;
+      case 32: decode_all<T>(q, cache, slot, slen, window, s, out, head_group<T, 2>); break;
+      case 64: decode_all<T>(q, cache, slot, slen, window, s, out, head_group<T, 4>); break;
+      default: decode_all<T>(q, cache, slot, slen, window, s, out, head_group<T, 8>); break;
     }
   };
   dt == at::kFloat ? run(float{}) : run(c10::BFloat16{});
