@@ -20,10 +20,20 @@ arena program 8.8 ms/step, its trace 6.4 ms, bit-identical logits.
 Valid while the captured tensors stay where they are (the runner's static buffers, the weights
 and the KV pool do); outputs in the arena are overwritten by the next replay of any graph
 sharing it: copy what must be kept.
+
+Views are folded at capture (`fold_static_views`): a view of a tensor that is the same memory every
+replay (an input buffer, a weight, an arena view, an `.out` op's result in the arena) is the same
+view every replay, so it is made once and passed in as one more input instead of being recomputed
+by an op each step (SmolLM2: 242 of the decode step's 612 ops, the qkv and gate/up splits and
+their reshapes). Inputs, not trace constants: TorchScript's optimizer would constant-fold an op
+whose inputs are all constants (silu_and_mul of two folded views) into its capture-time result.
+An `.out` op whose result then has no reader stays live as an extra output of the trace (dead
+code elimination would otherwise drop a write it cannot see read).
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Sequence
 
@@ -34,18 +44,99 @@ from torch import fx
 class CpuGraph:
     """A recorded step: `replay()` returns the program's outputs (a tuple)."""
 
-    def __init__(self, traced, args: Sequence) -> None:
+    def __init__(self, traced, args: Sequence, num_outputs: int | None = None, folded: int = 0):
         self.traced, self.args = traced, tuple(args)
+        self.num_outputs = num_outputs  # the program's own outputs (None: all the trace's)
+        self.folded = folded  # view ops made once at capture instead of every replay
 
     @classmethod
     @torch.inference_mode()
-    def capture(cls, gm: fx.GraphModule, args: Sequence) -> CpuGraph:
-        """Trace `gm` on `args`, the tensors every replay reads."""
+    def capture(cls, gm: fx.GraphModule, args: Sequence, fold: bool = True) -> CpuGraph:
+        """Trace `gm` on `args`, the tensors every replay reads (its static views folded)."""
+        args, num_outputs, folded = tuple(args), None, 0
+        if fold:
+            gm, views, num_outputs, folded = fold_static_views(gm, args)
+            args = (*args, *views)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings: constant shapes are the point
-            traced = torch.jit.trace(gm, tuple(args), check_trace=False, strict=False)
-        return cls(traced, args)
+            traced = torch.jit.trace(gm, args, check_trace=False, strict=False)
+        return cls(traced, args, num_outputs, folded)
 
     def replay(self) -> tuple:
         out = self.traced(*self.args)
-        return out if isinstance(out, tuple) else (out,)
+        out = out if isinstance(out, tuple) else (out,)
+        return out if self.num_outputs is None else out[: self.num_outputs]
+
+
+def fold_static_views(gm: fx.GraphModule, args: tuple) -> tuple[fx.GraphModule, list, int, int]:
+    """A copy of `gm` whose views of static tensors are placeholders after its own, with the
+    views to pass them (made here from one run of `gm` on `args`), the number of `gm`'s outputs
+    and how many views were folded. Static: `args` (a replay passes the same tensors), `gm`'s
+    tensor attributes, and what an op returns as an alias of a static tensor: a view (folded,
+    unless it is a copy, as a reshape may be) or the written input of an `.out` or in-place op
+    (kept: it computes)."""
+    graph = copy.deepcopy(gm.graph)
+    env: dict[fx.Node, object] = {}
+    old = list(gm.graph.nodes)
+
+    class Record(fx.Interpreter):
+        def run_node(self, n):
+            env[n] = super().run_node(n)
+            return env[n]
+
+    Record(gm).run(*args)
+    env = {new: env[o] for o, new in zip(old, graph.nodes, strict=True)}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    static = {n: a for n, a in zip(placeholders, args, strict=True) if isinstance(a, torch.Tensor)}
+    views, writers, last = [], [], placeholders[-1]
+    for node in list(graph.nodes):
+        value = env.get(node)
+        if node.op == "get_attr" and isinstance(value, torch.Tensor):
+            static[node] = value
+            continue
+        aliased = _aliased_input(node)
+        if aliased is None or aliased[0] not in static or not isinstance(value, torch.Tensor):
+            continue
+        source, writes = static[aliased[0]], aliased[1]
+        if value.untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
+            continue  # a copy after all (reshape of a tensor no view can give)
+        if writes:  # an .out / in-place op: it stays, its result is the static tensor
+            static[node] = value
+            writers.append(node)
+            continue
+        with graph.inserting_after(last):
+            last = graph.placeholder(f"_static_view_{len(views)}")
+        last.meta = dict(node.meta)
+        static[last] = value
+        views.append(value)
+        node.replace_all_uses_with(last)
+        graph.erase_node(node)
+    output = next(n for n in graph.nodes if n.op == "output")
+    result = output.args[0]
+    results = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+    unread = [n for n in writers if not n.users]  # kept live: a write nothing reads in the graph
+    output.args = ((*results, *unread),)
+    graph.lint()
+    folded = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    for name in [n for n in folded._buffers if n in gm.__dict__]:
+        folded.__dict__[name] = folded._buffers.pop(name)  # as `gm` held them (arena views)
+    return folded, views, len(results), len(views)
+
+
+def _aliased_input(node: fx.Node) -> tuple[fx.Node, bool] | None:
+    """The input node an op's single tensor result aliases (by its schema) and whether the op
+    writes it, or None."""
+    op = node.target
+    if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload):
+        return None
+    schema = op._schema
+    if len(schema.returns) != 1 or schema.returns[0].alias_info is None:
+        return None
+    sets = schema.returns[0].alias_info.before_set
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not (arg.alias_info.before_set & sets):
+            continue
+        positional = i < len(node.args) and not arg.kwarg_only
+        given = node.args[i] if positional else node.kwargs.get(arg.name)
+        return (given, arg.alias_info.is_write) if isinstance(given, fx.Node) else None
+    return None

@@ -54,3 +54,31 @@ def test_cpu_graph_padded_batches_and_generate(llama_artifact):
     plain = load(llama_artifact).generate(PROMPTS, max_tokens=8, ignore_eos=True)
     assert [r.token_ids for r in out] == [r.token_ids for r in plain]
     assert engine.runner.stats.misses == engine.runner.stats.builds  # warm-up built them all
+
+
+VIEWS = ("aten::slice", "aten::view", "aten::unsqueeze")
+
+
+def test_cpu_graph_folds_the_views_of_static_tensors(llama_artifact):
+    """Views of what is the same memory every replay (the qkv and gate/up splits of the arena's
+    results, the rotary tables' rows) are made once at capture and passed in: the recorded step
+    runs none of them, and every op that computes is still there (logits: the tests above)."""
+    engine = load(llama_artifact, max_num_seqs=1, graph_cache=True, warmup=True)
+    layers = engine.manifest["model"]["config"]["num_layers"]
+    assert engine.runner.entries
+    for entry in engine.runner.entries.values():
+        graph, program = entry.graph, entry.callable.graph
+        kinds = [n.kind() for n in graph.traced.graph.nodes()]
+        views = [n for n in program.nodes if str(n.target).split(".")[1:2] == ["slice"]]
+        assert len(views) >= 5 * layers  # q, k, v, gate, up
+        assert not any(k in VIEWS for k in kinds)
+        assert graph.folded == sum(
+            1
+            for n in program.nodes
+            if n.op == "call_function"
+            and str(n.target).startswith(("aten.slice.", "aten.view.", "aten.unsqueeze."))
+        )
+        assert len(graph.args) == len(list(graph.traced.graph.inputs())) - 1  # less `self`
+        computing = [n for n in program.nodes if str(n.target).startswith("xllm.")]
+        assert sum(k.startswith("xllm::") for k in kinds) == len(computing)
+        assert len(graph.replay()) == 1  # the logits; the unread .out results are not returned
