@@ -82,3 +82,42 @@ def test_cpu_graph_folds_the_views_of_static_tensors(llama_artifact):
         computing = [n for n in program.nodes if str(n.target).startswith("xllm.")]
         assert sum(k.startswith("xllm::") for k in kinds) == len(computing)
         assert len(graph.replay()) == 1  # the logits; the unread .out results are not returned
+
+
+def test_fold_static_views_keeps_copies_and_unread_writes():
+    """On a hand-made program: the views of an input and of an .out op's static result are
+    folded; a reshape that must copy is not; an .out op no op reads any more stays in the
+    trace; replays see the inputs' new contents through the folded views."""
+    from torch import fx
+
+    aten = torch.ops.aten
+    graph = fx.Graph()
+    x = graph.placeholder("x")  # [4, 6], static: the replay's own tensor
+    buf = graph.get_attr("buf")  # [4, 6] arena-like memory
+    y = graph.call_function(aten.add.out, (x, x), {"out": buf})
+    left = graph.call_function(aten.slice.Tensor, (y, 1, 0, 3))  # a view: folded
+    row = graph.call_function(aten.select.int, (x, 0, 1))  # a view of the input: folded
+    t = graph.call_function(aten.t.default, (left,))  # a view of a folded view: folded
+    flat = graph.call_function(aten.reshape.default, (t, [-1]))  # t is not contiguous: a copy
+    unread = graph.call_function(aten.mul.out, (x, x), {"out": graph.get_attr("buf2")})
+    out = graph.call_function(
+        aten.add.Tensor, (flat, graph.call_function(aten.sum.default, (row,)))
+    )
+    graph.output((out,))
+    gm = fx.GraphModule({"buf": torch.empty(4, 6), "buf2": torch.empty(4, 6)}, graph)
+    for name in ("buf", "buf2"):  # plain attributes, as arena programs hold their views
+        gm.__dict__[name] = gm._buffers.pop(name)
+    del unread
+    x0 = torch.arange(24.0).view(4, 6)
+    with torch.inference_mode():
+        graph_ = CpuGraph.capture(gm, (x0,))
+        assert graph_.folded == 3  # slice, select, t; not the copying reshape
+        kinds = [n.kind() for n in graph_.traced.graph.nodes()]
+        assert "aten::reshape" in kinds and "aten::slice" not in kinds and "aten::t" not in kinds
+        assert kinds.count("aten::mul") == 1  # the unread .out write survived
+        for scale in (1.0, 3.0):
+            x0.copy_(torch.arange(24.0).view(4, 6) * scale)
+            (got,) = graph_.replay()
+            want = (2 * x0[:, :3]).t().reshape(-1) + x0[1].sum()
+            assert torch.equal(got, want)
+            assert torch.equal(gm.buf2, x0 * x0)
