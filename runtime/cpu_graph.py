@@ -24,7 +24,7 @@ sharing it: copy what must be kept.
 Views are folded at capture (`fold_static_views`): a view of a tensor that is the same memory every
 replay (an input buffer, a weight, an arena view, an `.out` op's result in the arena) is the same
 view every replay, so it is made once and passed in as one more input instead of being recomputed
-by an op each step (SmolLM2: 242 of the decode step's 612 ops, the qkv and gate/up splits and
+by an op each step (SmolLM2: 242 of the decode step's 578 ops, the qkv and gate/up splits and
 their reshapes). Inputs, not trace constants: TorchScript's optimizer would constant-fold an op
 whose inputs are all constants (silu_and_mul of two folded views) into its capture-time result.
 An `.out` op whose result then has no reader stays live as an extra output of the trace (dead
@@ -70,45 +70,42 @@ class CpuGraph:
 
 def fold_static_views(gm: fx.GraphModule, args: tuple) -> tuple[fx.GraphModule, list, int, int]:
     """A copy of `gm` whose views of static tensors are placeholders after its own, with the
-    views to pass them (made here from one run of `gm` on `args`), the number of `gm`'s outputs
+    views to pass them (made here by one run of `gm` on `args`), the number of `gm`'s outputs
     and how many views were folded. Static: `args` (a replay passes the same tensors), `gm`'s
     tensor attributes, and what an op returns as an alias of a static tensor: a view (folded,
     unless it is a copy, as a reshape may be) or the written input of an `.out` or in-place op
     (kept: it computes)."""
-    graph = copy.deepcopy(gm.graph)
-    env: dict[fx.Node, object] = {}
-    old = list(gm.graph.nodes)
+    static: dict[fx.Node, torch.Tensor] = {}  # gm's nodes
+    writes: dict[fx.Node, bool] = {}  # the aliasing ops among them: writes (else a view)
 
-    class Record(fx.Interpreter):
+    class Record(fx.Interpreter):  # keeps only the static values, not every intermediate
         def run_node(self, n):
-            env[n] = super().run_node(n)
-            return env[n]
+            value = super().run_node(n)
+            if not isinstance(value, torch.Tensor):
+                return value
+            if n.op in ("placeholder", "get_attr"):
+                static[n] = value
+            elif (aliased := _aliased_input(n)) is not None and aliased[0] in static:
+                source = static[aliased[0]]
+                if value.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+                    static[n], writes[n] = value, aliased[1]  # else a copy (some reshapes)
+            return value
 
     Record(gm).run(*args)
-    env = {new: env[o] for o, new in zip(old, graph.nodes, strict=True)}
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    static = {n: a for n, a in zip(placeholders, args, strict=True) if isinstance(a, torch.Tensor)}
-    views, writers, last = [], [], placeholders[-1]
+    graph = copy.deepcopy(gm.graph)
+    old = dict(zip(graph.nodes, gm.graph.nodes, strict=True))
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    views, writers = [], []
     for node in list(graph.nodes):
-        value = env.get(node)
-        if node.op == "get_attr" and isinstance(value, torch.Tensor):
-            static[node] = value
+        if old[node] not in writes:
             continue
-        aliased = _aliased_input(node)
-        if aliased is None or aliased[0] not in static or not isinstance(value, torch.Tensor):
-            continue
-        source, writes = static[aliased[0]], aliased[1]
-        if value.untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
-            continue  # a copy after all (reshape of a tensor no view can give)
-        if writes:  # an .out / in-place op: it stays, its result is the static tensor
-            static[node] = value
+        if writes[old[node]]:  # an .out / in-place op: it stays, its result is static memory
             writers.append(node)
             continue
         with graph.inserting_after(last):
             last = graph.placeholder(f"_static_view_{len(views)}")
         last.meta = dict(node.meta)
-        static[last] = value
-        views.append(value)
+        views.append(static[old[node]])
         node.replace_all_uses_with(last)
         graph.erase_node(node)
     output = next(n for n in graph.nodes if n.op == "output")
