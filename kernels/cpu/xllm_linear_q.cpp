@@ -1150,6 +1150,12 @@ void make_planes16(const float* x, int64_t M, int64_t K, Planes16& p) {
     }
 }
 
+// 16 int8 weights at p, sign-extended to int16: one vpmovsxbw from memory (a 32-byte load split
+// by vextracti128 cost two more ops a chunk; GCC also loaded the low half a second time).
+inline __m256i widen_s8(const uint8_t* p) {
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 // One q8_0 weight row against activation row m: 8 lane partial sums (avx2_sum reduces them). Per
 // half group: H = sum(w * hi), L = sum(w * lo) per block, acc += H * d s + L * d s / 32768; the
 // tail's blocks one at a time, in their lanes.
@@ -1168,9 +1174,7 @@ inline __m256 avx2_row_q8(const uint8_t* row, int64_t K, const Planes16& P, int6
       __m256i ha = _mm256_setzero_si256(), hb = ha, la = ha, lb = ha;  // a: blocks 0-3, b: 4-7
 #pragma GCC unroll 8
       for (int c = 0; c < 8; ++c) {
-        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * c));
-        const __m256i wa = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
-        const __m256i wb = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1));
+        const __m256i wa = widen_s8(q + 64 * c), wb = widen_s8(q + 64 * c + 16);
         const int16_t* pc = pg + c * 64;
         ha = _mm256_add_epi32(ha, _mm256_madd_epi16(wa, plane(pc)));
         hb = _mm256_add_epi32(hb, _mm256_madd_epi16(wb, plane(pc + 16)));
@@ -1186,9 +1190,7 @@ inline __m256 avx2_row_q8(const uint8_t* row, int64_t K, const Planes16& P, int6
       acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(L), _mm256_mul_ps(cv, inv32768), acc);
     }
   for (int64_t b = P.ngroups * kGroup; b < r.nb; ++b) {
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.qs + 32 * b));
-    const __m256i wa = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
-    const __m256i wb = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1));
+    const __m256i wa = widen_s8(r.qs + 32 * b), wb = widen_s8(r.qs + 32 * b + 16);
     const int16_t* pb = pm + b * 64;
     const __m256i H = _mm256_add_epi32(_mm256_madd_epi16(wa, plane(pb)), _mm256_madd_epi16(wb, plane(pb + 16)));
     const __m256i L = _mm256_add_epi32(_mm256_madd_epi16(wa, plane(pb + 32)), _mm256_madd_epi16(wb, plane(pb + 48)));
