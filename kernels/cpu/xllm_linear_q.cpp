@@ -1201,8 +1201,76 @@ inline __m256 avx2_row_q8(const uint8_t* row, int64_t K, const Planes16& P, int6
   return acc;
 }
 
+// avx2_row_q8 for activation rows m and m + 1 at once, each weight chunk widened once for both:
+// each row's instructions and their order are avx2_row_q8's (the same result, bit for bit).
+inline void avx2_row2_q8(const uint8_t* row, int64_t K, const Planes16& P, int64_t m,
+                         __m256& acc0, __m256& acc1) {
+  const Row32 r = row32(QType::Q8_0, row, K);
+  const int16_t* p0 = P.q.data() + m * P.row;
+  const int16_t* p1 = p0 + P.row;
+  const float* s0 = P.scale.data() + m * r.nb;
+  const float* s1 = s0 + r.nb;
+  auto plane = [](const int16_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); };
+  const __m256 inv32768 = _mm256_set1_ps(1.f / 32768.f);
+  acc0 = acc1 = _mm256_setzero_ps();
+  auto join = [&](__m256i ha, __m256i hb, __m256i la, __m256i lb, __m256 cv, __m256& acc) {
+    const __m256i H = _mm256_permute4x64_epi64(_mm256_hadd_epi32(ha, hb), 0xD8);
+    const __m256i L = _mm256_permute4x64_epi64(_mm256_hadd_epi32(la, lb), 0xD8);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(H), cv, acc);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(L), _mm256_mul_ps(cv, inv32768), acc);
+  };
+  for (int64_t gi = 0; gi < P.ngroups; ++gi)
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* q = r.qs + gi * kGroup * 32 + 32 * h;
+      const int64_t off = (gi * 2 + h) * 8 * 64;
+      __m256i ha0 = _mm256_setzero_si256(), hb0 = ha0, la0 = ha0, lb0 = ha0;
+      __m256i ha1 = ha0, hb1 = ha0, la1 = ha0, lb1 = ha0;
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) {
+        const __m256i wa = widen_s8(q + 64 * c), wb = widen_s8(q + 64 * c + 16);
+        const int16_t* c0 = p0 + off + c * 64;
+        const int16_t* c1 = p1 + off + c * 64;
+        ha0 = _mm256_add_epi32(ha0, _mm256_madd_epi16(wa, plane(c0)));
+        hb0 = _mm256_add_epi32(hb0, _mm256_madd_epi16(wb, plane(c0 + 16)));
+        la0 = _mm256_add_epi32(la0, _mm256_madd_epi16(wa, plane(c0 + 32)));
+        lb0 = _mm256_add_epi32(lb0, _mm256_madd_epi16(wb, plane(c0 + 48)));
+        ha1 = _mm256_add_epi32(ha1, _mm256_madd_epi16(wa, plane(c1)));
+        hb1 = _mm256_add_epi32(hb1, _mm256_madd_epi16(wb, plane(c1 + 16)));
+        la1 = _mm256_add_epi32(la1, _mm256_madd_epi16(wa, plane(c1 + 32)));
+        lb1 = _mm256_add_epi32(lb1, _mm256_madd_epi16(wb, plane(c1 + 48)));
+        XLLM_IN_REGS("+x"(ha0), "+x"(hb0), "+x"(la0), "+x"(lb0), "+x"(ha1), "+x"(hb1), "+x"(la1),
+                     "+x"(lb1));
+      }
+      const int64_t b = gi * kGroup + 8 * h;
+      const __m256 d = halves_256(r.d + 2 * b);
+      join(ha0, hb0, la0, lb0, _mm256_mul_ps(d, _mm256_loadu_ps(s0 + b)), acc0);
+      join(ha1, hb1, la1, lb1, _mm256_mul_ps(d, _mm256_loadu_ps(s1 + b)), acc1);
+    }
+  for (int64_t b = P.ngroups * kGroup; b < r.nb; ++b) {
+    const __m256i wa = widen_s8(r.qs + 32 * b), wb = widen_s8(r.qs + 32 * b + 16);
+    const float d = half_f16c2(r.d + 2 * b);
+    const int16_t* pb[2] = {p0 + b * 64, p1 + b * 64};
+    const float* sc[2] = {s0, s1};
+    __m256* acc[2] = {&acc0, &acc1};
+    for (int i = 0; i < 2; ++i) {
+      const __m256i H = _mm256_add_epi32(_mm256_madd_epi16(wa, plane(pb[i])), _mm256_madd_epi16(wb, plane(pb[i] + 16)));
+      const __m256i L = _mm256_add_epi32(_mm256_madd_epi16(wa, plane(pb[i] + 32)), _mm256_madd_epi16(wb, plane(pb[i] + 48)));
+      const __m256 cv = _mm256_set1_ps(d * sc[i][b]);
+      *acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(H), cv, *acc[i]);
+      *acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(L), _mm256_mul_ps(cv, inv32768), *acc[i]);
+    }
+  }
+}
+
 void avx2_any_q8(const uint8_t* row, int64_t K, const Planes16& P, int64_t rows, float* y) {
-  for (int64_t m = 0; m < rows; ++m) y[m] = avx2_sum(avx2_row_q8(row, K, P, m));
+  int64_t m = 0;
+  for (; m + 2 <= rows; m += 2) {  // pairs of activation rows (batch steps)
+    __m256 a0, a1;
+    avx2_row2_q8(row, K, P, m, a0, a1);
+    y[m] = avx2_sum(a0);
+    y[m + 1] = avx2_sum(a1);
+  }
+  for (; m < rows; ++m) y[m] = avx2_sum(avx2_row_q8(row, K, P, m));
 }
 
 void avx2_4x1_q8(const uint8_t* w, int64_t row_bytes, int64_t K, const Planes16& P, float* y) {
