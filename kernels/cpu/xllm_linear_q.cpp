@@ -1010,56 +1010,128 @@ inline __m256i quad_half(const uint8_t* q, int64_t bytes, const int8_t* pt) {
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_slli_epi32(widen(h), 8), widen(m)), 8), widen(l));
 }
 
-// One weight row against activation row m of P: the 8 lane partial sums (avx2_sum reduces them).
-// Per half group: the offsets o * sum(x) (q4_1: o = the mins, q4_0: -8 d), then the integer sums
-// scaled by cv = d_w * s / 65536 (hm by 256 cv); then the tail's quads, lane by lane.
+// Both halves' (blocks 8h..8h+7 of a group) sums against two activation rows' planes at pg0 and
+// pg1: half_sums twice, each chunk's nibbles unpacked once (the same sums, bit for bit).
+inline void half_sums2(const uint8_t* q, const int8_t* pg0, const int8_t* pg1, HalfSums& s0,
+                       HalfSums& s1) {
+  __m256i h0 = _mm256_setzero_si256(), m0 = h0, l0 = h0, h1 = h0, m1 = h0, l1 = h0;
+  auto plane = [](const int8_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); };
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    __m256i lo, hi;
+    nibbles_256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * c)), lo, hi);
+    const int8_t* pl = pg0 + c * kChunkBytes;
+    const int8_t* ph = pg0 + (c + 4) * kChunkBytes;
+    h0 = _mm256_add_epi16(h0, _mm256_maddubs_epi16(lo, plane(pl)));
+    m0 = _mm256_add_epi16(m0, _mm256_maddubs_epi16(lo, plane(pl + 64)));
+    l0 = _mm256_add_epi16(l0, _mm256_maddubs_epi16(lo, plane(pl + 128)));
+    h0 = _mm256_add_epi16(h0, _mm256_maddubs_epi16(hi, plane(ph)));
+    m0 = _mm256_add_epi16(m0, _mm256_maddubs_epi16(hi, plane(ph + 64)));
+    l0 = _mm256_add_epi16(l0, _mm256_maddubs_epi16(hi, plane(ph + 128)));
+    pl = pg1 + c * kChunkBytes;
+    ph = pg1 + (c + 4) * kChunkBytes;
+    h1 = _mm256_add_epi16(h1, _mm256_maddubs_epi16(lo, plane(pl)));
+    m1 = _mm256_add_epi16(m1, _mm256_maddubs_epi16(lo, plane(pl + 64)));
+    l1 = _mm256_add_epi16(l1, _mm256_maddubs_epi16(lo, plane(pl + 128)));
+    h1 = _mm256_add_epi16(h1, _mm256_maddubs_epi16(hi, plane(ph)));
+    m1 = _mm256_add_epi16(m1, _mm256_maddubs_epi16(hi, plane(ph + 64)));
+    l1 = _mm256_add_epi16(l1, _mm256_maddubs_epi16(hi, plane(ph + 128)));
+    XLLM_IN_REGS("+x"(h0), "+x"(m0), "+x"(l0), "+x"(h1), "+x"(m1), "+x"(l1));
+  }
+  s0 = {_mm256_add_epi32(_mm256_slli_epi32(widen(h0), 8), widen(m0)), widen(l0)};
+  s1 = {_mm256_add_epi32(_mm256_slli_epi32(widen(h1), 8), widen(m1)), widen(l1)};
+}
+
+// The offsets' factor of blocks b..b+7 (the lanes from `valid` on zero): q4_1's mins, q4_0's -8 d.
+template <QType T>
+inline __m256 mins_256(const Row32& r, int64_t b, __m256 dv, int64_t valid) {
+  if constexpr (T == QType::Q4_1) return halves_256(r.m + 2 * b, valid);
+  return _mm256_mul_ps(dv, _mm256_set1_ps(-8.f));
+}
+
+// A half group's contribution to one activation row's lanes: the offsets o * sum(x), then the
+// integer sums scaled by cv = d_w * s / 65536 (hm by 256 cv). sc, xs: the row's scales and sums.
+template <QType T>
+inline __m256 half_step(const Row32& r, int64_t b, const HalfSums& s, const float* sc,
+                        const float* xs, __m256 acc) {
+  const __m256 dv = halves_256(r.d + 2 * b);
+  acc = _mm256_fmadd_ps(mins_256<T>(r, b, dv, 8), _mm256_loadu_ps(xs + b), acc);
+  const __m256 cv = _mm256_mul_ps(dv, _mm256_loadu_ps(sc + b));
+  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s.hm), _mm256_mul_ps(cv, _mm256_set1_ps(256.f)), acc);
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s.l), cv, acc);
+}
+
+// The tail's quads of 4 blocks against activation row m, lane by lane, added to acc.
+template <QType T>
+inline __m256 avx2_tail(const Row32& r, const Planes& P, int64_t m, const float* sums,
+                        __m256 acc) {
+  const int64_t nb = r.nb, g = P.ngroups * kGroup;
+  if (g >= nb) return acc;
+  const int8_t* pm = P.q.data() + m * P.row;
+  const float* sc = P.scale.data() + m * nb;
+  const float* xs = sums + m * nb;
+  const int64_t n = nb - g;
+  __m256 cv[2];
+  for (int e = 0; e < 2; ++e) {
+    if (e && n <= 8) break;
+    const int64_t b = g + 8 * e;
+    const __m256 dv = halves_256(r.d + 2 * b, n - 8 * e);
+    acc = _mm256_fmadd_ps(mins_256<T>(r, b, dv, n - 8 * e), _mm256_loadu_ps(xs + b), acc);
+    cv[e] = _mm256_mul_ps(dv, _mm256_loadu_ps(sc + b));
+  }
+  for (int64_t j = 0; j < P.units; ++j) {
+    const int64_t bytes = 16 * std::min<int64_t>(4, n - 4 * j);
+    const uint8_t* q = r.qs + 16 * (g + 4 * j);
+    const int8_t* pt = pm + P.ngroups * kGroupBytes + j * kTailBytes;
+    for (int h = 0; h < 2 && 32 * h < bytes; ++h) {  // blocks 4j + 2h (lanes 0-3), 4j + 2h + 1
+      const __m256i t = quad_half(q + 32 * h, bytes - 32 * h, pt + 32 * h);
+      const int b = static_cast<int>(4 * j + 2 * h) & 7;
+      const __m256i idx = _mm256_setr_epi32(b, b, b, b, b + 1, b + 1, b + 1, b + 1);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_permutevar8x32_ps(cv[j >= 2], idx), acc);
+    }
+  }
+  return acc;
+}
+
+// One weight row against activation row m of P: the 8 lane partial sums (avx2_sum reduces them):
+// each half group's step, then the tail.
 template <QType T>
 inline __m256 avx2_row(const uint8_t* row, int64_t K, const Planes& P, int64_t m,
                        const float* sums) {
   const Row32 r = row32(T, row, K);
-  const int64_t nb = r.nb;
   const int8_t* pm = P.q.data() + m * P.row;
-  const float* sc = P.scale.data() + m * nb;
-  const float* xs = sums + m * nb;
-  auto mins = [&](int64_t b, __m256 dv, int64_t valid) {
-    if constexpr (T == QType::Q4_1) return halves_256(r.m + 2 * b, valid);
-    return _mm256_mul_ps(dv, _mm256_set1_ps(-8.f));
-  };
+  const float* sc = P.scale.data() + m * r.nb;
+  const float* xs = sums + m * r.nb;
   __m256 acc = _mm256_setzero_ps();
   for (int64_t gi = 0; gi < P.ngroups; ++gi)
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
-      const int64_t b = gi * kGroup + 8 * h;
       const HalfSums s = half_sums(r.qs + gi * kGroup * 16 + 32 * h, pm + gi * kGroupBytes + 32 * h);
-      const __m256 dv = halves_256(r.d + 2 * b);
-      acc = _mm256_fmadd_ps(mins(b, dv, 8), _mm256_loadu_ps(xs + b), acc);
-      const __m256 cv = _mm256_mul_ps(dv, _mm256_loadu_ps(sc + b));
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s.hm), _mm256_mul_ps(cv, _mm256_set1_ps(256.f)), acc);
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s.l), cv, acc);
+      acc = half_step<T>(r, gi * kGroup + 8 * h, s, sc, xs, acc);
     }
-  if (const int64_t g = P.ngroups * kGroup; g < nb) {  // the tail: quads of 4 blocks
-    const int64_t n = nb - g;
-    __m256 cv[2];
-    for (int e = 0; e < 2; ++e) {
-      if (e && n <= 8) break;
-      const int64_t b = g + 8 * e;
-      const __m256 dv = halves_256(r.d + 2 * b, n - 8 * e);
-      acc = _mm256_fmadd_ps(mins(b, dv, n - 8 * e), _mm256_loadu_ps(xs + b), acc);
-      cv[e] = _mm256_mul_ps(dv, _mm256_loadu_ps(sc + b));
+  return avx2_tail<T>(r, P, m, sums, acc);
+}
+
+// avx2_row for activation rows m and m + 1 (batch steps): each row's steps and their order are
+// avx2_row's (the same result, bit for bit), the weights unpacked once for both.
+template <QType T>
+inline void avx2_row2(const uint8_t* row, int64_t K, const Planes& P, int64_t m,
+                      const float* sums, __m256& acc0, __m256& acc1) {
+  const Row32 r = row32(T, row, K);
+  const int8_t* pm = P.q.data() + m * P.row;
+  const float* sc = P.scale.data() + m * r.nb;
+  const float* xs = sums + m * r.nb;
+  acc0 = acc1 = _mm256_setzero_ps();
+  for (int64_t gi = 0; gi < P.ngroups; ++gi)
+    for (int h = 0; h < 2; ++h) {
+      const int64_t at = gi * kGroupBytes + 32 * h, b = gi * kGroup + 8 * h;
+      HalfSums s0, s1;
+      half_sums2(r.qs + gi * kGroup * 16 + 32 * h, pm + at, pm + P.row + at, s0, s1);
+      acc0 = half_step<T>(r, b, s0, sc, xs, acc0);
+      acc1 = half_step<T>(r, b, s1, sc + r.nb, xs + r.nb, acc1);
     }
-    for (int64_t j = 0; j < P.units; ++j) {
-      const int64_t bytes = 16 * std::min<int64_t>(4, n - 4 * j);
-      const uint8_t* q = r.qs + 16 * (g + 4 * j);
-      const int8_t* pt = pm + P.ngroups * kGroupBytes + j * kTailBytes;
-      for (int h = 0; h < 2 && 32 * h < bytes; ++h) {  // blocks 4j + 2h (lanes 0-3), 4j + 2h + 1
-        const __m256i t = quad_half(q + 32 * h, bytes - 32 * h, pt + 32 * h);
-        const int b = static_cast<int>(4 * j + 2 * h) & 7;
-        const __m256i idx = _mm256_setr_epi32(b, b, b, b, b + 1, b + 1, b + 1, b + 1);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_permutevar8x32_ps(cv[j >= 2], idx), acc);
-      }
-    }
-  }
-  return acc;
+  acc0 = avx2_tail<T>(r, P, m, sums, acc0);
+  acc1 = avx2_tail<T>(r, P, m + 1, sums, acc1);
 }
 
 // A row's sum of its 8 lanes, in the order avx2_4x1 sums four at once: ((0+4)+(1+5))+((2+6)+(3+7)).
@@ -1076,7 +1148,14 @@ inline float avx2_sum(__m256 v) {
 template <QType T>
 void avx2_any(const uint8_t* row, int64_t K, const Planes& P, const float* sums, int64_t rows,
               float* y) {
-  for (int64_t m = 0; m < rows; ++m) y[m] = avx2_sum(avx2_row<T>(row, K, P, m, sums));
+  int64_t m = 0;
+  for (; m + 2 <= rows; m += 2) {  // pairs of activation rows
+    __m256 a0, a1;
+    avx2_row2<T>(row, K, P, m, sums, a0, a1);
+    y[m] = avx2_sum(a0);
+    y[m + 1] = avx2_sum(a1);
+  }
+  for (; m < rows; ++m) y[m] = avx2_sum(avx2_row<T>(row, K, P, m, sums));
 }
 
 // Four weight rows against activation row 0 (a batch-1 step): their four sums reduced together.
