@@ -975,24 +975,34 @@ struct HalfSums {
   __m256i hm, l;
 };
 
+// One chunk's low and high nibbles against one activation row's digit planes of the chunk (pl)
+// and of its high nibbles' chunk (ph), into the 16-bit sums h, m, l.
+__attribute__((always_inline)) inline void chunk_sums(__m256i lo, __m256i hi, const int8_t* pl,
+                                                      const int8_t* ph, __m256i& h, __m256i& m,
+                                                      __m256i& l) {
+  auto plane = [](const int8_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); };
+  h = _mm256_add_epi16(h, _mm256_maddubs_epi16(lo, plane(pl)));
+  m = _mm256_add_epi16(m, _mm256_maddubs_epi16(lo, plane(pl + 64)));
+  l = _mm256_add_epi16(l, _mm256_maddubs_epi16(lo, plane(pl + 128)));
+  h = _mm256_add_epi16(h, _mm256_maddubs_epi16(hi, plane(ph)));
+  m = _mm256_add_epi16(m, _mm256_maddubs_epi16(hi, plane(ph + 64)));
+  l = _mm256_add_epi16(l, _mm256_maddubs_epi16(hi, plane(ph + 128)));
+}
+
+inline HalfSums joined(__m256i h, __m256i m, __m256i l) {
+  return {_mm256_add_epi32(_mm256_slli_epi32(widen(h), 8), widen(m)), widen(l)};
+}
+
 inline HalfSums half_sums(const uint8_t* q, const int8_t* pg) {
   __m256i h = _mm256_setzero_si256(), m = h, l = h;
 #pragma GCC unroll 4
   for (int c = 0; c < 4; ++c) {
     __m256i lo, hi;
     nibbles_256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * c)), lo, hi);
-    const int8_t* pl = pg + c * kChunkBytes;
-    const int8_t* ph = pg + (c + 4) * kChunkBytes;
-    auto plane = [](const int8_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); };
-    h = _mm256_add_epi16(h, _mm256_maddubs_epi16(lo, plane(pl)));
-    m = _mm256_add_epi16(m, _mm256_maddubs_epi16(lo, plane(pl + 64)));
-    l = _mm256_add_epi16(l, _mm256_maddubs_epi16(lo, plane(pl + 128)));
-    h = _mm256_add_epi16(h, _mm256_maddubs_epi16(hi, plane(ph)));
-    m = _mm256_add_epi16(m, _mm256_maddubs_epi16(hi, plane(ph + 64)));
-    l = _mm256_add_epi16(l, _mm256_maddubs_epi16(hi, plane(ph + 128)));
+    chunk_sums(lo, hi, pg + c * kChunkBytes, pg + (c + 4) * kChunkBytes, h, m, l);
     XLLM_IN_REGS("+x"(h), "+x"(m), "+x"(l));
   }
-  return {_mm256_add_epi32(_mm256_slli_epi32(widen(h), 8), widen(m)), widen(l)};
+  return joined(h, m, l);
 }
 
 // A quad half's (blocks 2 of a tail unit) sum t = ((h << 8) + m) << 8 + l a lane (VNNI's quad_dot):
@@ -1015,31 +1025,16 @@ inline __m256i quad_half(const uint8_t* q, int64_t bytes, const int8_t* pt) {
 inline void half_sums2(const uint8_t* q, const int8_t* pg0, const int8_t* pg1, HalfSums& s0,
                        HalfSums& s1) {
   __m256i h0 = _mm256_setzero_si256(), m0 = h0, l0 = h0, h1 = h0, m1 = h0, l1 = h0;
-  auto plane = [](const int8_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); };
 #pragma GCC unroll 4
   for (int c = 0; c < 4; ++c) {
     __m256i lo, hi;
     nibbles_256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * c)), lo, hi);
-    const int8_t* pl = pg0 + c * kChunkBytes;
-    const int8_t* ph = pg0 + (c + 4) * kChunkBytes;
-    h0 = _mm256_add_epi16(h0, _mm256_maddubs_epi16(lo, plane(pl)));
-    m0 = _mm256_add_epi16(m0, _mm256_maddubs_epi16(lo, plane(pl + 64)));
-    l0 = _mm256_add_epi16(l0, _mm256_maddubs_epi16(lo, plane(pl + 128)));
-    h0 = _mm256_add_epi16(h0, _mm256_maddubs_epi16(hi, plane(ph)));
-    m0 = _mm256_add_epi16(m0, _mm256_maddubs_epi16(hi, plane(ph + 64)));
-    l0 = _mm256_add_epi16(l0, _mm256_maddubs_epi16(hi, plane(ph + 128)));
-    pl = pg1 + c * kChunkBytes;
-    ph = pg1 + (c + 4) * kChunkBytes;
-    h1 = _mm256_add_epi16(h1, _mm256_maddubs_epi16(lo, plane(pl)));
-    m1 = _mm256_add_epi16(m1, _mm256_maddubs_epi16(lo, plane(pl + 64)));
-    l1 = _mm256_add_epi16(l1, _mm256_maddubs_epi16(lo, plane(pl + 128)));
-    h1 = _mm256_add_epi16(h1, _mm256_maddubs_epi16(hi, plane(ph)));
-    m1 = _mm256_add_epi16(m1, _mm256_maddubs_epi16(hi, plane(ph + 64)));
-    l1 = _mm256_add_epi16(l1, _mm256_maddubs_epi16(hi, plane(ph + 128)));
+    chunk_sums(lo, hi, pg0 + c * kChunkBytes, pg0 + (c + 4) * kChunkBytes, h0, m0, l0);
+    chunk_sums(lo, hi, pg1 + c * kChunkBytes, pg1 + (c + 4) * kChunkBytes, h1, m1, l1);
     XLLM_IN_REGS("+x"(h0), "+x"(m0), "+x"(l0), "+x"(h1), "+x"(m1), "+x"(l1));
   }
-  s0 = {_mm256_add_epi32(_mm256_slli_epi32(widen(h0), 8), widen(m0)), widen(l0)};
-  s1 = {_mm256_add_epi32(_mm256_slli_epi32(widen(h1), 8), widen(m1)), widen(l1)};
+  s0 = joined(h0, m0, l0);
+  s1 = joined(h1, m1, l1);
 }
 
 // The offsets' factor of blocks b..b+7 (the lanes from `valid` on zero): q4_1's mins, q4_0's -8 d.
