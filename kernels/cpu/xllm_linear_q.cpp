@@ -1020,8 +1020,8 @@ inline __m256i quad_half(const uint8_t* q, int64_t bytes, const int8_t* pt) {
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_slli_epi32(widen(h), 8), widen(m)), 8), widen(l));
 }
 
-// Both halves' (blocks 8h..8h+7 of a group) sums against two activation rows' planes at pg0 and
-// pg1: half_sums twice, each chunk's nibbles unpacked once (the same sums, bit for bit).
+// A half group's (8 blocks') sums against two activation rows' planes at pg0 and pg1: half_sums
+// twice, each chunk's nibbles unpacked once for both (the same sums, bit for bit).
 inline void half_sums2(const uint8_t* q, const int8_t* pg0, const int8_t* pg1, HalfSums& s0,
                        HalfSums& s1) {
   __m256i h0 = _mm256_setzero_si256(), m0 = h0, l0 = h0, h1 = h0, m1 = h0, l1 = h0;
