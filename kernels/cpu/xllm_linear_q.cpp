@@ -1230,6 +1230,43 @@ inline __m256i widen_s8(const uint8_t* p) {
   return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// One chunk of 32 weights (wa: blocks 0-3's 4 values, wb: 4-7's) against one activation row's
+// digits at pc, into the lane sums ha, hb (hi digits) and la, lb (lo digits).
+__attribute__((always_inline)) inline void q8_chunk(__m256i wa, __m256i wb, const int16_t* pc,
+                                                    __m256i& ha, __m256i& hb, __m256i& la,
+                                                    __m256i& lb) {
+  auto plane = [](const int16_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); };
+  ha = _mm256_add_epi32(ha, _mm256_madd_epi16(wa, plane(pc)));
+  hb = _mm256_add_epi32(hb, _mm256_madd_epi16(wb, plane(pc + 16)));
+  la = _mm256_add_epi32(la, _mm256_madd_epi16(wa, plane(pc + 32)));
+  lb = _mm256_add_epi32(lb, _mm256_madd_epi16(wb, plane(pc + 48)));
+}
+
+// A half group's lane sums joined per block (H, L) and scaled into acc: H * cv + L * cv / 32768.
+inline __m256 q8_half_step(__m256i ha, __m256i hb, __m256i la, __m256i lb, __m256 cv, __m256 acc) {
+  const __m256i H = _mm256_permute4x64_epi64(_mm256_hadd_epi32(ha, hb), 0xD8);
+  const __m256i L = _mm256_permute4x64_epi64(_mm256_hadd_epi32(la, lb), 0xD8);
+  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(H), cv, acc);
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(L), _mm256_mul_ps(cv, _mm256_set1_ps(1.f / 32768.f)), acc);
+}
+
+// The tail's blocks against activation row m, one at a time in their lanes, added to acc.
+inline __m256 avx2_tail_q8(const Row32& r, const Planes16& P, int64_t m, __m256 acc) {
+  const int16_t* pm = P.q.data() + m * P.row;
+  const float* sc = P.scale.data() + m * r.nb;
+  auto plane = [](const int16_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); };
+  for (int64_t b = P.ngroups * kGroup; b < r.nb; ++b) {
+    const __m256i wa = widen_s8(r.qs + 32 * b), wb = widen_s8(r.qs + 32 * b + 16);
+    const int16_t* pb = pm + b * 64;
+    const __m256i H = _mm256_add_epi32(_mm256_madd_epi16(wa, plane(pb)), _mm256_madd_epi16(wb, plane(pb + 16)));
+    const __m256i L = _mm256_add_epi32(_mm256_madd_epi16(wa, plane(pb + 32)), _mm256_madd_epi16(wb, plane(pb + 48)));
+    const __m256 cv = _mm256_set1_ps(half_f16c2(r.d + 2 * b) * sc[b]);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(H), cv, acc);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(L), _mm256_mul_ps(cv, _mm256_set1_ps(1.f / 32768.f)), acc);
+  }
+  return acc;
+}
+
 // One q8_0 weight row against activation row m: 8 lane partial sums (avx2_sum reduces them). Per
 // half group: H = sum(w * hi), L = sum(w * lo) per block, acc += H * d s + L * d s / 32768; the
 // tail's blocks one at a time, in their lanes.
@@ -1237,8 +1274,6 @@ inline __m256 avx2_row_q8(const uint8_t* row, int64_t K, const Planes16& P, int6
   const Row32 r = row32(QType::Q8_0, row, K);
   const int16_t* pm = P.q.data() + m * P.row;
   const float* sc = P.scale.data() + m * r.nb;
-  auto plane = [](const int16_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); };
-  const __m256 inv32768 = _mm256_set1_ps(1.f / 32768.f);
   __m256 acc = _mm256_setzero_ps();
   for (int64_t gi = 0; gi < P.ngroups; ++gi)
 #pragma GCC unroll 2
@@ -1248,31 +1283,14 @@ inline __m256 avx2_row_q8(const uint8_t* row, int64_t K, const Planes16& P, int6
       __m256i ha = _mm256_setzero_si256(), hb = ha, la = ha, lb = ha;  // a: blocks 0-3, b: 4-7
 #pragma GCC unroll 8
       for (int c = 0; c < 8; ++c) {
-        const __m256i wa = widen_s8(q + 64 * c), wb = widen_s8(q + 64 * c + 16);
-        const int16_t* pc = pg + c * 64;
-        ha = _mm256_add_epi32(ha, _mm256_madd_epi16(wa, plane(pc)));
-        hb = _mm256_add_epi32(hb, _mm256_madd_epi16(wb, plane(pc + 16)));
-        la = _mm256_add_epi32(la, _mm256_madd_epi16(wa, plane(pc + 32)));
-        lb = _mm256_add_epi32(lb, _mm256_madd_epi16(wb, plane(pc + 48)));
+        q8_chunk(widen_s8(q + 64 * c), widen_s8(q + 64 * c + 16), pg + c * 64, ha, hb, la, lb);
         XLLM_IN_REGS("+x"(ha), "+x"(hb), "+x"(la), "+x"(lb));
       }
-      const __m256i H = _mm256_permute4x64_epi64(_mm256_hadd_epi32(ha, hb), 0xD8);
-      const __m256i L = _mm256_permute4x64_epi64(_mm256_hadd_epi32(la, lb), 0xD8);
       const int64_t b = gi * kGroup + 8 * h;
       const __m256 cv = _mm256_mul_ps(halves_256(r.d + 2 * b), _mm256_loadu_ps(sc + b));
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(H), cv, acc);
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(L), _mm256_mul_ps(cv, inv32768), acc);
+      acc = q8_half_step(ha, hb, la, lb, cv, acc);
     }
-  for (int64_t b = P.ngroups * kGroup; b < r.nb; ++b) {
-    const __m256i wa = widen_s8(r.qs + 32 * b), wb = widen_s8(r.qs + 32 * b + 16);
-    const int16_t* pb = pm + b * 64;
-    const __m256i H = _mm256_add_epi32(_mm256_madd_epi16(wa, plane(pb)), _mm256_madd_epi16(wb, plane(pb + 16)));
-    const __m256i L = _mm256_add_epi32(_mm256_madd_epi16(wa, plane(pb + 32)), _mm256_madd_epi16(wb, plane(pb + 48)));
-    const __m256 cv = _mm256_set1_ps(half_f16c2(r.d + 2 * b) * sc[b]);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(H), cv, acc);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(L), _mm256_mul_ps(cv, inv32768), acc);
-  }
-  return acc;
+  return avx2_tail_q8(r, P, m, acc);
 }
 
 // avx2_row_q8 for activation rows m and m + 1 at once, each weight chunk widened once for both:
@@ -1284,15 +1302,7 @@ inline void avx2_row2_q8(const uint8_t* row, int64_t K, const Planes16& P, int64
   const int16_t* p1 = p0 + P.row;
   const float* s0 = P.scale.data() + m * r.nb;
   const float* s1 = s0 + r.nb;
-  auto plane = [](const int16_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); };
-  const __m256 inv32768 = _mm256_set1_ps(1.f / 32768.f);
   acc0 = acc1 = _mm256_setzero_ps();
-  auto join = [&](__m256i ha, __m256i hb, __m256i la, __m256i lb, __m256 cv, __m256& acc) {
-    const __m256i H = _mm256_permute4x64_epi64(_mm256_hadd_epi32(ha, hb), 0xD8);
-    const __m256i L = _mm256_permute4x64_epi64(_mm256_hadd_epi32(la, lb), 0xD8);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(H), cv, acc);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(L), _mm256_mul_ps(cv, inv32768), acc);
-  };
   for (int64_t gi = 0; gi < P.ngroups; ++gi)
     for (int h = 0; h < 2; ++h) {
       const uint8_t* q = r.qs + gi * kGroup * 32 + 32 * h;
@@ -1302,38 +1312,18 @@ inline void avx2_row2_q8(const uint8_t* row, int64_t K, const Planes16& P, int64
 #pragma GCC unroll 8
       for (int c = 0; c < 8; ++c) {
         const __m256i wa = widen_s8(q + 64 * c), wb = widen_s8(q + 64 * c + 16);
-        const int16_t* c0 = p0 + off + c * 64;
-        const int16_t* c1 = p1 + off + c * 64;
-        ha0 = _mm256_add_epi32(ha0, _mm256_madd_epi16(wa, plane(c0)));
-        hb0 = _mm256_add_epi32(hb0, _mm256_madd_epi16(wb, plane(c0 + 16)));
-        la0 = _mm256_add_epi32(la0, _mm256_madd_epi16(wa, plane(c0 + 32)));
-        lb0 = _mm256_add_epi32(lb0, _mm256_madd_epi16(wb, plane(c0 + 48)));
-        ha1 = _mm256_add_epi32(ha1, _mm256_madd_epi16(wa, plane(c1)));
-        hb1 = _mm256_add_epi32(hb1, _mm256_madd_epi16(wb, plane(c1 + 16)));
-        la1 = _mm256_add_epi32(la1, _mm256_madd_epi16(wa, plane(c1 + 32)));
-        lb1 = _mm256_add_epi32(lb1, _mm256_madd_epi16(wb, plane(c1 + 48)));
+        q8_chunk(wa, wb, p0 + off + c * 64, ha0, hb0, la0, lb0);
+        q8_chunk(wa, wb, p1 + off + c * 64, ha1, hb1, la1, lb1);
         XLLM_IN_REGS("+x"(ha0), "+x"(hb0), "+x"(la0), "+x"(lb0), "+x"(ha1), "+x"(hb1), "+x"(la1),
                      "+x"(lb1));
       }
       const int64_t b = gi * kGroup + 8 * h;
       const __m256 d = halves_256(r.d + 2 * b);
-      join(ha0, hb0, la0, lb0, _mm256_mul_ps(d, _mm256_loadu_ps(s0 + b)), acc0);
-      join(ha1, hb1, la1, lb1, _mm256_mul_ps(d, _mm256_loadu_ps(s1 + b)), acc1);
+      acc0 = q8_half_step(ha0, hb0, la0, lb0, _mm256_mul_ps(d, _mm256_loadu_ps(s0 + b)), acc0);
+      acc1 = q8_half_step(ha1, hb1, la1, lb1, _mm256_mul_ps(d, _mm256_loadu_ps(s1 + b)), acc1);
     }
-  for (int64_t b = P.ngroups * kGroup; b < r.nb; ++b) {
-    const __m256i wa = widen_s8(r.qs + 32 * b), wb = widen_s8(r.qs + 32 * b + 16);
-    const float d = half_f16c2(r.d + 2 * b);
-    const int16_t* pb[2] = {p0 + b * 64, p1 + b * 64};
-    const float* sc[2] = {s0, s1};
-    __m256* acc[2] = {&acc0, &acc1};
-    for (int i = 0; i < 2; ++i) {
-      const __m256i H = _mm256_add_epi32(_mm256_madd_epi16(wa, plane(pb[i])), _mm256_madd_epi16(wb, plane(pb[i] + 16)));
-      const __m256i L = _mm256_add_epi32(_mm256_madd_epi16(wa, plane(pb[i] + 32)), _mm256_madd_epi16(wb, plane(pb[i] + 48)));
-      const __m256 cv = _mm256_set1_ps(d * sc[i][b]);
-      *acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(H), cv, *acc[i]);
-      *acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(L), _mm256_mul_ps(cv, inv32768), *acc[i]);
-    }
-  }
+  acc0 = avx2_tail_q8(r, P, m, acc0);
+  acc1 = avx2_tail_q8(r, P, m + 1, acc1);
 }
 
 void avx2_any_q8(const uint8_t* row, int64_t K, const Planes16& P, int64_t rows, float* y) {
