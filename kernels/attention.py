@@ -143,3 +143,32 @@ def attention_reference(
 @attention.register_fake
 def _(q, kv_cache, layer, positions, seq_slots, query_lens, seq_lens, scale, sliding_window):
     return torch.empty_like(q)
+
+
+# `.out`: the memory planner (passes/memory_plan.py) places the result in the activation arena, as
+# an ATen op's; a CPU graph then makes the reshape after it once (a view of fixed memory).
+torch.library.define(
+    "xllm::attention.out",
+    "(Tensor q, Tensor kv_cache, SymInt layer, Tensor positions, Tensor seq_slots, "
+    "Tensor query_lens, Tensor seq_lens, float scale, SymInt sliding_window, *, "
+    "Tensor(a!) out) -> Tensor(a!)",
+)
+
+
+def attention_out_composite(
+    q, kv_cache, layer, positions, seq_slots, query_lens, seq_lens, scale, sliding_window, *, out
+):
+    """Every device: the op, copied into `out` (the CPU kernel writes there directly)."""
+    args = (q, kv_cache, layer, positions, seq_slots, query_lens, seq_lens, scale, sliding_window)
+    result = torch.ops.xllm.attention.default(*args)
+    if out.shape != result.shape:
+        out.resize_(result.shape)
+    return out.copy_(result)
+
+
+torch.library.impl("xllm::attention.out", "CompositeExplicitAutograd", attention_out_composite)
+
+
+@torch.library.register_fake("xllm::attention.out")
+def _(q, kv_cache, layer, positions, seq_slots, query_lens, seq_lens, scale, window, *, out):
+    return out

@@ -17,7 +17,9 @@ bucket's concrete shapes this works out where each intermediate tensor would liv
 3. What is planned: fresh, contiguous, single-tensor results of ATen and xllm ops that have an
    `.out` overload (`OutCall`: how a program writes them into the arena, `runtime/arena.py`;
    xllm::linear has one). The rest (the other `xllm::` ops, multi-output ops) keep allocating:
-   counted as unplanned.
+   counted as unplanned. So does an op whose `.out` only copies its result on the target
+   device (`COPYING_OUT`: xllm::attention writes into `out` on CPU; elsewhere a copy would be
+   one more kernel a layer).
 4. In place: a pointwise op whose input buffer (planned, same dtype and shape, no alias of it
    read elsewhere by the op) dies at that op writes over it: they share one allocation.
 5. Offsets: greedy by size with best fit (Pisarchyk & Lee, "Efficient Memory Management for
@@ -147,13 +149,21 @@ class MemoryPlan:
                     )
 
 
+# xllm ops whose `.out` writes into the given memory only on these devices (elsewhere it runs the
+# op and copies the result, which costs more than the allocation it saves)
+COPYING_OUT = {"xllm::attention": ("cpu",)}
+
+
 @torch.no_grad()
 def plan_memory(
-    graph_module: fx.GraphModule, example_args: Sequence[Any], alignment: int = ALIGNMENT
+    graph_module: fx.GraphModule,
+    example_args: Sequence[Any],
+    alignment: int = ALIGNMENT,
+    device: str = "cpu",
 ) -> MemoryPlan:
     """Plan the activations of `graph_module` called on tensors shaped like `example_args`
     (every placeholder in order: the weights, then the inputs; values are never read, so meta
-    tensors do). Returns the plan; `plan.check()` holds for it."""
+    tensors do) on `device` (the artifact's). Returns the plan; `plan.check()` holds for it."""
     graph = graph_module.graph
     values = concrete_values(graph_module, example_args)
     roots = storage_groups(graph)
@@ -166,6 +176,9 @@ def plan_memory(
         why = _why_not_planned(node, val)
         if why == "no tensor":
             continue
+        direct = COPYING_OUT.get(getattr(getattr(node.target, "_schema", None), "name", ""))
+        if not why and direct is not None and device not in direct:
+            why = f"out= variant copies on {device}"
         call = None if why else out_call(node, values)
         if call is None:
             unplanned[node.name] = why or "no out= variant"

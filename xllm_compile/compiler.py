@@ -377,7 +377,7 @@ def memory_plans(ep, weights: dict, config: ModelConfig, cfg: CompileConfig, max
         kv = torch.empty(kv_shape, dtype=cfg.torch_dtype, device="meta")
         shapes = {"num_tokens": tokens, "num_seqs": seqs, "num_logits": logits, "kv_len": max_len}
         try:
-            plan = plan_memory(ep.graph_module, [*params, *idx, kv])
+            plan = plan_memory(ep.graph_module, [*params, *idx, kv], device=cfg.device)
         except Exception as e:  # an analysis: never worth failing the compile over
             log.warning("memory plan (%s) failed: %s: %s", phase, type(e).__name__, e)
             out[phase] = {"shapes": shapes, "error": f"{type(e).__name__}: {e}"}
@@ -410,7 +410,8 @@ def bucket_plans(ep, weights: dict, config: ModelConfig, cfg: CompileConfig, buc
                 if arena_plans.find_plan(plans, args) is not None:
                     continue
                 try:
-                    plans.append(arena_plans.StoredPlan.of(plan_memory(ep.graph_module, args)))
+                    plan = plan_memory(ep.graph_module, args, device=cfg.device)
+                    plans.append(arena_plans.StoredPlan.of(plan))
                 except Exception as e:  # an optimization: never worth failing the compile over
                     log.warning("arena plans skipped: %s: %s", type(e).__name__, e)
                     return []

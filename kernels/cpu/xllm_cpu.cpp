@@ -384,10 +384,15 @@ void store_kv(at::Tensor kv_cache, int64_t layer, const at::Tensor& k, const at:
 // xllm::attention: one SDPA per sequence over its own KV prefix, a slice of its slot (no gather,
 // so pages it does not own are never read). A decode row needs no mask: its window, if any, is
 // the slice's start. Same math as kernels/attention.py, without Python between the ATen calls.
-at::Tensor attention(const at::Tensor& q, const at::Tensor& kv_cache, int64_t layer,
-                     const at::Tensor& positions, const at::Tensor& seq_slots,
-                     const at::Tensor& query_lens, const at::Tensor& seq_lens, double scale,
-                     int64_t window) {
+// xllm::attention.out: the same into `out` (the activation arena's [T, H, D] buffer, so that the
+// reshape after it is a view of fixed memory that a CPU graph makes once).
+at::Tensor& attention_out(const at::Tensor& q, const at::Tensor& kv_cache, int64_t layer,
+                          const at::Tensor& positions, const at::Tensor& seq_slots,
+                          const at::Tensor& query_lens, const at::Tensor& seq_lens, double scale,
+                          int64_t window, at::Tensor& out) {
+  TORCH_CHECK(out.scalar_type() == q.scalar_type(), "xllm::attention.out: out is ",
+              out.scalar_type(), ", q ", q.scalar_type());
+  if (out.sizes() != q.sizes()) out.resize_(q.sizes());
   auto cache = kv_cache.select(0, layer);  // [2, S, M, Hkv, D]
   auto slots = seq_slots.to(at::kLong).contiguous();
   auto qlens = query_lens.to(at::kLong).contiguous();
@@ -396,7 +401,6 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& kv_cache, int64_t la
   const int64_t* qlen = qlens.data_ptr<int64_t>();
   const int64_t* slen = slens.data_ptr<int64_t>();
   const bool gqa = q.size(1) != cache.size(3);
-  auto out = at::empty_like(q);
   const int64_t B = slots.size(0);
   if (q.size(0) == B && std::all_of(qlen, qlen + B, [](int64_t n) { return n == 1; }) &&
       xllm_decode_attention(q, cache, slot, slen, window, scale, out)) {
@@ -431,6 +435,15 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& kv_cache, int64_t la
     start += n;
   }
   return out;
+}
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& kv_cache, int64_t layer,
+                     const at::Tensor& positions, const at::Tensor& seq_slots,
+                     const at::Tensor& query_lens, const at::Tensor& seq_lens, double scale,
+                     int64_t window) {
+  at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  return attention_out(q, kv_cache, layer, positions, seq_slots, query_lens, seq_lens, scale,
+                       window, out);
 }
 
 }  // namespace
@@ -476,6 +489,7 @@ bool xllm_use_avx512() {
 TORCH_LIBRARY_IMPL(xllm, CPU, m) {
   m.impl("store_kv", &store_kv);
   m.impl("attention", &attention);
+  m.impl("attention.out", &attention_out);
   m.impl("rms_norm", &rms_norm);
   m.impl("fused_add_rms_norm", &fused_add_rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);

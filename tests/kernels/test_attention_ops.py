@@ -61,6 +61,28 @@ def test_attention_matches_naive(query_lens, ctx_before, window):
     assert ensure_loaded() is None  # this machine builds the C++ kernels (CI does too)
 
 
+@pytest.mark.parametrize(
+    "query_lens,ctx_before,window",
+    [([5, 1, 7], [0, 0, 0], 0), ([1, 1, 1], [4, 9, 20], 0), ([3, 1], [6, 11], 0), ([1], [9], 4)],
+)
+def test_attention_out_writes_the_ops_result_into_out(query_lens, ctx_before, window):
+    """`.out` (what the arena program calls): the op's result, bit for bit, in the given memory,
+    from the C++ kernel and from the composite every other device runs; a wrongly sized out is
+    resized, as ATen's out= ops do."""
+    from xllm_compile.kernels.attention import attention_out_composite
+
+    args = make_batch(query_lens, ctx_before, window=window)
+    expected = torch.ops.xllm.attention(*args)
+    for fn in (torch.ops.xllm.attention.out, attention_out_composite):
+        out = torch.full_like(args[0], float("nan"))
+        got = fn(*args, out=out)
+        assert got.data_ptr() == out.data_ptr() and torch.equal(out, expected)
+    small = torch.empty(0)
+    assert torch.equal(torch.ops.xllm.attention.out(*args, out=small), expected)
+    with pytest.raises(RuntimeError, match="out is"):
+        torch.ops.xllm.attention.out(*args, out=torch.empty(args[0].shape, dtype=torch.float64))
+
+
 def test_store_kv_writes_in_place_at_slot_and_position():
     cache = torch.zeros(2, 2, 4, 8, 2, 3)
     ptr = cache.data_ptr()
@@ -75,6 +97,10 @@ def test_store_kv_writes_in_place_at_slot_and_position():
 def test_opcheck():
     args = make_batch([3, 1], [2, 5])
     torch.library.opcheck(torch.ops.xllm.attention.default, args)
+    out = {"out": torch.empty_like(args[0])}  # an out= op: no functionalization (aot_dispatch)
+    torch.library.opcheck(
+        torch.ops.xllm.attention.out, args, out, test_utils=("test_schema", "test_faketensor")
+    )
     cache = torch.zeros(2, 2, 4, 8, 2, 3)
     store_args = (
         cache,

@@ -143,7 +143,26 @@ def test_inputs_custom_and_multi_output_ops_are_not_planned():
     assert plan.summary()["unplanned_why"] == {"no out= variant": 1, "multi-output op": 1}
 
 
+def test_attention_is_planned_where_its_out_writes_in_place():
+    """xllm::attention.out writes into the arena on CPU; on another device it would run the op
+    and copy (one more kernel a layer), so there the result keeps allocating."""
+    b = Builder("q", "cache", "pos", "slots", "qlens", "slens")
+    q, cache, pos, slots, qlens, slens = b.inputs
+    o = b.call(torch.ops.xllm.attention.default, q, cache, 0, pos, slots, qlens, slens, 0.5, 0,
+               name="attn")  # fmt: skip
+    gm = b.done(b.call(aten.mul.Tensor, o, 2.0, name="o"))
+    one = torch.ones(1, dtype=torch.int64)
+    args = [torch.randn(1, 4, 8), torch.randn(1, 2, 1, 16, 2, 8), one, one, one, one]
+    on_cpu = plan_memory(gm, args)
+    assert set(on_cpu.buffers) == {"attn", "o"}
+    assert on_cpu.buffers["attn"].call.op is torch.ops.xllm.attention.out
+    on_cuda = plan_memory(gm, args, device="cuda")
+    assert set(on_cuda.buffers) == {"o"}
+    assert on_cuda.unplanned == {"attn": "out= variant copies on cuda"}
+
+
 def test_out_variants():
+    assert out_variant(torch.ops.xllm.attention.default) == (torch.ops.xllm.attention.out, "out")
     assert out_variant(aten.mm.default) == (aten.mm.out, "out")
     assert out_variant(torch.ops.xllm.linear.default) == (torch.ops.xllm.linear.out, "out")
     assert out_variant(torch.ops.xllm.rms_norm.default) is None

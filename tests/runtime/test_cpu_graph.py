@@ -56,13 +56,14 @@ def test_cpu_graph_padded_batches_and_generate(llama_artifact):
     assert engine.runner.stats.misses == engine.runner.stats.builds  # warm-up built them all
 
 
-VIEWS = ("aten::slice", "aten::view", "aten::unsqueeze")
+VIEWS = ("aten::slice", "aten::view", "aten::unsqueeze", "aten::reshape")
 
 
 def test_cpu_graph_folds_the_views_of_static_tensors(llama_artifact):
     """Views of what is the same memory every replay (the qkv and gate/up splits of the arena's
-    results, the rotary tables' rows) are made once at capture and passed in: the recorded step
-    runs none of them, and every op that computes is still there (logits: the tests above)."""
+    results, the rotary tables' rows, the [T, H * D] reshape of attention's result, which
+    `attention.out` writes into the arena) are made once at capture and passed in: the recorded
+    step runs none of them, and every op that computes is still there (logits: the tests above)."""
     engine = load(llama_artifact, max_num_seqs=1, graph_cache=True, warmup=True)
     layers = engine.manifest["model"]["config"]["num_layers"]
     assert engine.runner.entries
@@ -72,12 +73,20 @@ def test_cpu_graph_folds_the_views_of_static_tensors(llama_artifact):
         views = [n for n in program.nodes if str(n.target).split(".")[1:2] == ["slice"]]
         assert len(views) >= 5 * layers  # q, k, v, gate, up
         assert not any(k in VIEWS for k in kinds)
-        assert graph.folded == sum(
-            1
-            for n in program.nodes
-            if n.op == "call_function"
-            and str(n.target).startswith(("aten.slice.", "aten.view.", "aten.unsqueeze."))
+        assert (
+            graph.folded
+            == sum(
+                1
+                for n in program.nodes
+                if n.op == "call_function"
+                and str(n.target).startswith(("aten.slice.", "aten.view.", "aten.unsqueeze."))
+            )
+            + layers
         )
+        # one reshape a layer, of the planned attention result (in the arena: fixed memory)
+        assert kinds.count("xllm::attention") == layers
+        assert sum(str(n.target) == "xllm.attention.out" for n in program.nodes) == layers
+        assert sum(str(n.target) == "aten.reshape.default" for n in program.nodes) == layers
         assert len(graph.args) == len(list(graph.traced.graph.inputs())) - 1  # less `self`
         computing = [n for n in program.nodes if str(n.target).startswith("xllm.")]
         assert sum(k.startswith("xllm::") for k in kinds) == len(computing)
