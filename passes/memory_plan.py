@@ -18,8 +18,8 @@ bucket's concrete shapes this works out where each intermediate tensor would liv
    `.out` overload (`OutCall`: how a program writes them into the arena, `runtime/arena.py`;
    xllm::linear has one). The rest (the other `xllm::` ops, multi-output ops) keep allocating:
    counted as unplanned. So does an op whose `.out` only copies its result on the target
-   device (`COPYING_OUT`: xllm::attention writes into `out` on CPU; elsewhere a copy would be
-   one more kernel a layer).
+   device (`DIRECT_OUT_DEVICES`: xllm::attention writes into `out` on CPU; elsewhere a copy
+   would be one more kernel a layer).
 4. In place: a pointwise op whose input buffer (planned, same dtype and shape, no alias of it
    read elsewhere by the op) dies at that op writes over it: they share one allocation.
 5. Offsets: greedy by size with best fit (Pisarchyk & Lee, "Efficient Memory Management for
@@ -151,7 +151,7 @@ class MemoryPlan:
 
 # xllm ops whose `.out` writes into the given memory only on these devices (elsewhere it runs the
 # op and copies the result, which costs more than the allocation it saves)
-COPYING_OUT = {"xllm::attention": ("cpu",)}
+DIRECT_OUT_DEVICES = {"xllm::attention": ("cpu",)}
 
 
 @torch.no_grad()
@@ -176,7 +176,7 @@ def plan_memory(
         why = _why_not_planned(node, val)
         if why == "no tensor":
             continue
-        direct = COPYING_OUT.get(getattr(getattr(node.target, "_schema", None), "name", ""))
+        direct = DIRECT_OUT_DEVICES.get(getattr(getattr(node.target, "_schema", None), "name", ""))
         if not why and direct is not None and device not in direct:
             why = f"out= variant copies on {device}"
         call = None if why else out_call(node, values)
