@@ -951,8 +951,12 @@ inline void nibbles_256(__m256i v, __m256i& lo, __m256i& hi) {
   hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
 }
 
+inline __m256i load_256(const void* p) {  // 32 bytes, unaligned (a plane's, a chunk's)
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
 inline __m256i load_half(const uint8_t* q, int64_t bytes) {  // the first `bytes` (0, 16, 32)
-  if (bytes >= 32) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  if (bytes >= 32) return load_256(q);
   if (bytes >= 16) return _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
   return _mm256_setzero_si256();
 }
@@ -980,13 +984,12 @@ struct HalfSums {
 __attribute__((always_inline)) inline void chunk_sums(__m256i lo, __m256i hi, const int8_t* pl,
                                                       const int8_t* ph, __m256i& h, __m256i& m,
                                                       __m256i& l) {
-  auto plane = [](const int8_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); };
-  h = _mm256_add_epi16(h, _mm256_maddubs_epi16(lo, plane(pl)));
-  m = _mm256_add_epi16(m, _mm256_maddubs_epi16(lo, plane(pl + 64)));
-  l = _mm256_add_epi16(l, _mm256_maddubs_epi16(lo, plane(pl + 128)));
-  h = _mm256_add_epi16(h, _mm256_maddubs_epi16(hi, plane(ph)));
-  m = _mm256_add_epi16(m, _mm256_maddubs_epi16(hi, plane(ph + 64)));
-  l = _mm256_add_epi16(l, _mm256_maddubs_epi16(hi, plane(ph + 128)));
+  h = _mm256_add_epi16(h, _mm256_maddubs_epi16(lo, load_256(pl)));
+  m = _mm256_add_epi16(m, _mm256_maddubs_epi16(lo, load_256(pl + 64)));
+  l = _mm256_add_epi16(l, _mm256_maddubs_epi16(lo, load_256(pl + 128)));
+  h = _mm256_add_epi16(h, _mm256_maddubs_epi16(hi, load_256(ph)));
+  m = _mm256_add_epi16(m, _mm256_maddubs_epi16(hi, load_256(ph + 64)));
+  l = _mm256_add_epi16(l, _mm256_maddubs_epi16(hi, load_256(ph + 128)));
 }
 
 inline HalfSums joined(__m256i h, __m256i m, __m256i l) {
@@ -998,7 +1001,7 @@ inline HalfSums half_sums(const uint8_t* q, const int8_t* pg) {
 #pragma GCC unroll 4
   for (int c = 0; c < 4; ++c) {
     __m256i lo, hi;
-    nibbles_256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * c)), lo, hi);
+    nibbles_256(load_256(q + 64 * c), lo, hi);
     chunk_sums(lo, hi, pg + c * kChunkBytes, pg + (c + 4) * kChunkBytes, h, m, l);
     XLLM_IN_REGS("+x"(h), "+x"(m), "+x"(l));
   }
@@ -1010,12 +1013,11 @@ inline HalfSums half_sums(const uint8_t* q, const int8_t* pg) {
 inline __m256i quad_half(const uint8_t* q, int64_t bytes, const int8_t* pt) {
   __m256i lo, hi;
   nibbles_256(load_half(q, bytes), lo, hi);
-  auto plane = [](const int8_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); };
-  __m256i h = _mm256_add_epi16(_mm256_maddubs_epi16(lo, plane(pt)), _mm256_maddubs_epi16(hi, plane(pt + 64)));
-  __m256i m = _mm256_add_epi16(_mm256_maddubs_epi16(lo, plane(pt + kQuadBytes)),
-                               _mm256_maddubs_epi16(hi, plane(pt + kQuadBytes + 64)));
-  __m256i l = _mm256_add_epi16(_mm256_maddubs_epi16(lo, plane(pt + 2 * kQuadBytes)),
-                               _mm256_maddubs_epi16(hi, plane(pt + 2 * kQuadBytes + 64)));
+  __m256i h = _mm256_add_epi16(_mm256_maddubs_epi16(lo, load_256(pt)), _mm256_maddubs_epi16(hi, load_256(pt + 64)));
+  __m256i m = _mm256_add_epi16(_mm256_maddubs_epi16(lo, load_256(pt + kQuadBytes)),
+                               _mm256_maddubs_epi16(hi, load_256(pt + kQuadBytes + 64)));
+  __m256i l = _mm256_add_epi16(_mm256_maddubs_epi16(lo, load_256(pt + 2 * kQuadBytes)),
+                               _mm256_maddubs_epi16(hi, load_256(pt + 2 * kQuadBytes + 64)));
   return _mm256_add_epi32(
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_slli_epi32(widen(h), 8), widen(m)), 8), widen(l));
 }
@@ -1028,7 +1030,7 @@ inline void half_sums2(const uint8_t* q, const int8_t* pg0, const int8_t* pg1, H
 #pragma GCC unroll 4
   for (int c = 0; c < 4; ++c) {
     __m256i lo, hi;
-    nibbles_256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * c)), lo, hi);
+    nibbles_256(load_256(q + 64 * c), lo, hi);
     chunk_sums(lo, hi, pg0 + c * kChunkBytes, pg0 + (c + 4) * kChunkBytes, h0, m0, l0);
     chunk_sums(lo, hi, pg1 + c * kChunkBytes, pg1 + (c + 4) * kChunkBytes, h1, m1, l1);
     XLLM_IN_REGS("+x"(h0), "+x"(m0), "+x"(l0), "+x"(h1), "+x"(m1), "+x"(l1));
@@ -1235,34 +1237,35 @@ inline __m256i widen_s8(const uint8_t* p) {
 __attribute__((always_inline)) inline void q8_chunk(__m256i wa, __m256i wb, const int16_t* pc,
                                                     __m256i& ha, __m256i& hb, __m256i& la,
                                                     __m256i& lb) {
-  auto plane = [](const int16_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); };
-  ha = _mm256_add_epi32(ha, _mm256_madd_epi16(wa, plane(pc)));
-  hb = _mm256_add_epi32(hb, _mm256_madd_epi16(wb, plane(pc + 16)));
-  la = _mm256_add_epi32(la, _mm256_madd_epi16(wa, plane(pc + 32)));
-  lb = _mm256_add_epi32(lb, _mm256_madd_epi16(wb, plane(pc + 48)));
+  ha = _mm256_add_epi32(ha, _mm256_madd_epi16(wa, load_256(pc)));
+  hb = _mm256_add_epi32(hb, _mm256_madd_epi16(wb, load_256(pc + 16)));
+  la = _mm256_add_epi32(la, _mm256_madd_epi16(wa, load_256(pc + 32)));
+  lb = _mm256_add_epi32(lb, _mm256_madd_epi16(wb, load_256(pc + 48)));
 }
 
-// A half group's lane sums joined per block (H, L) and scaled into acc: H * cv + L * cv / 32768.
+// Per-block digit sums H (hi) and L (lo) scaled into acc: H * cv + L * cv / 32768.
+inline __m256 q8_scaled(__m256i H, __m256i L, __m256 cv, __m256 acc) {
+  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(H), cv, acc);
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(L), _mm256_mul_ps(cv, _mm256_set1_ps(1.f / 32768.f)), acc);
+}
+
+// A half group's lane sums joined per block (H, L) and scaled into acc.
 inline __m256 q8_half_step(__m256i ha, __m256i hb, __m256i la, __m256i lb, __m256 cv, __m256 acc) {
   const __m256i H = _mm256_permute4x64_epi64(_mm256_hadd_epi32(ha, hb), 0xD8);
   const __m256i L = _mm256_permute4x64_epi64(_mm256_hadd_epi32(la, lb), 0xD8);
-  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(H), cv, acc);
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(L), _mm256_mul_ps(cv, _mm256_set1_ps(1.f / 32768.f)), acc);
+  return q8_scaled(H, L, cv, acc);
 }
 
 // The tail's blocks against activation row m, one at a time in their lanes, added to acc.
 inline __m256 avx2_tail_q8(const Row32& r, const Planes16& P, int64_t m, __m256 acc) {
   const int16_t* pm = P.q.data() + m * P.row;
   const float* sc = P.scale.data() + m * r.nb;
-  auto plane = [](const int16_t* at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)); };
   for (int64_t b = P.ngroups * kGroup; b < r.nb; ++b) {
     const __m256i wa = widen_s8(r.qs + 32 * b), wb = widen_s8(r.qs + 32 * b + 16);
     const int16_t* pb = pm + b * 64;
-    const __m256i H = _mm256_add_epi32(_mm256_madd_epi16(wa, plane(pb)), _mm256_madd_epi16(wb, plane(pb + 16)));
-    const __m256i L = _mm256_add_epi32(_mm256_madd_epi16(wa, plane(pb + 32)), _mm256_madd_epi16(wb, plane(pb + 48)));
-    const __m256 cv = _mm256_set1_ps(half_f16c2(r.d + 2 * b) * sc[b]);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(H), cv, acc);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(L), _mm256_mul_ps(cv, _mm256_set1_ps(1.f / 32768.f)), acc);
+    const __m256i H = _mm256_add_epi32(_mm256_madd_epi16(wa, load_256(pb)), _mm256_madd_epi16(wb, load_256(pb + 16)));
+    const __m256i L = _mm256_add_epi32(_mm256_madd_epi16(wa, load_256(pb + 32)), _mm256_madd_epi16(wb, load_256(pb + 48)));
+    acc = q8_scaled(H, L, _mm256_set1_ps(half_f16c2(r.d + 2 * b) * sc[b]), acc);
   }
   return acc;
 }
