@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import xllm_compile  # noqa: F401  (first: it takes the checkout's root off sys.path, see there)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Triton kernels run on the CPU under Triton's interpreter where no GPU is (CI): the variable is
 # read when a kernel is decorated, so it is set before any test imports kernels/triton.

@@ -114,8 +114,9 @@ def test_generation_config_sampling_defaults(tiny_artifact, tmp_path, capsys):
     import json
     import shutil
 
-    from tests.conftest import rehash
     from xllm_compile.cli import main
+
+    from conftest import rehash
 
     art = tmp_path / "art"
     shutil.copytree(tiny_artifact, art)

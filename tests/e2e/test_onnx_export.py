@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import EXAMPLE, compile_cli, make_hf_model
 from xllm_compile import program_format
 from xllm_compile.artifact import open_artifact
 from xllm_compile.runtime import load
 
+from conftest import EXAMPLE, compile_cli, make_hf_model
 from helpers import assert_one_line_error, prefill_then_decode, rel_err, run_cli
 
 onnx = pytest.importorskip("onnx")
@@ -144,7 +144,7 @@ def test_refusals_are_one_line_before_any_work(tmp_path):
 
 
 def test_a_compile_killed_while_exporting_leaves_the_old_artifact(tmp_path):
-    from tests.e2e.test_compile_atomic import compile_proc
+    from test_compile_atomic import compile_proc
 
     out = compile_cli(EXAMPLE, tmp_path / "art", "--passes", "none")
     proc = compile_proc(EXAMPLE, out, "--emit", "onnx", kill_at="onnx")

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_attention_ops import make_batch, naive_attention
 
 import xllm_compile.kernels  # noqa: F401
-from tests.kernels.test_attention_ops import make_batch, naive_attention
 from xllm_compile.kernels.attention import attention_reference
 from xllm_compile.kernels.fused_add_rms_norm import fused_add_rms_norm_ref
 from xllm_compile.kernels.rms_norm import rms_norm_ref

@@ -10,15 +10,16 @@ import shutil
 
 import pytest
 import torch
+from test_graph_cache import _prefill_rows, random_steps
 
-from tests.conftest import compile_cli
-from tests.runtime.test_graph_cache import _prefill_rows, random_steps
 from xllm_compile import arena_plans, artifact
 from xllm_compile.buckets import key_sizes, step_shapes
 from xllm_compile.errors import ArtifactError, ConfigError
 from xllm_compile.runtime import load
 from xllm_compile.runtime.model_runner import attach_graph_cache
 from xllm_compile.trace import INPUT_NAMES
+
+from conftest import compile_cli
 
 PREFILL = {"prefill_tokens": [16, 64, 128]}
 
