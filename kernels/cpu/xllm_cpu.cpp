@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "xllm_cpu_vec.h"
+#include "xllm_ops.h"
 
 namespace {
 
@@ -447,6 +448,37 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& kv_cache, int64_t la
 }
 
 }  // namespace
+
+namespace xllm_direct {  // xllm_ops.h
+
+at::Tensor& attention_out(const at::Tensor& q, const at::Tensor& kv_cache, int64_t layer,
+                          const at::Tensor& positions, const at::Tensor& seq_slots,
+                          const at::Tensor& query_lens, const at::Tensor& seq_lens, double scale,
+                          int64_t window, at::Tensor& out) {
+  return ::attention_out(q, kv_cache, layer, positions, seq_slots, query_lens, seq_lens, scale,
+                         window, out);
+}
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  return ::rms_norm(x, w, eps);
+}
+std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const at::Tensor& res,
+                                                      const at::Tensor& w, double eps) {
+  return ::fused_add_rms_norm(x, res, w, eps);
+}
+at::Tensor silu_and_mul(const at::Tensor& gate, const at::Tensor& up) {
+  return ::silu_and_mul(gate, up);
+}
+std::tuple<at::Tensor, at::Tensor> rotary_embedding(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& cos, const at::Tensor& sin,
+                                                    bool is_neox) {
+  return ::rotary_embedding(q, k, cos, sin, is_neox);
+}
+void store_kv(at::Tensor kv_cache, int64_t layer, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& token_slots, const at::Tensor& positions) {
+  ::store_kv(std::move(kv_cache), layer, k, v, token_slots, positions);
+}
+
+}  // namespace xllm_direct
 
 // For the other kernel files of this library (xllm_linear.cpp).
 void xllm_parallel_for(int64_t n, int64_t grain,

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "xllm_avx512.h"
+#include "xllm_ops.h"
 
 namespace {
 
@@ -269,6 +270,15 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
 }
 
 }  // namespace
+
+namespace xllm_direct {  // xllm_ops.h
+
+at::Tensor& linear_out(const at::Tensor& x, const at::Tensor& w,
+                       const std::optional<at::Tensor>& b, at::Tensor& out) {
+  return ::linear_out(x, w, b, out);
+}
+
+}  // namespace xllm_direct
 
 TORCH_LIBRARY_IMPL(xllm, CPU, m) {
   m.impl("linear", &linear);

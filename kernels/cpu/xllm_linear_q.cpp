@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "xllm_avx512.h"
+#include "xllm_ops.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
@@ -1606,6 +1607,15 @@ at::Tensor linear_q(const at::Tensor& x, const at::Tensor& qweight, c10::string_
 }
 
 }  // namespace
+
+namespace xllm_direct {  // xllm_ops.h
+
+at::Tensor& linear_q_out(const at::Tensor& x, const at::Tensor& qweight, c10::string_view qtype,
+                         const std::optional<at::Tensor>& bias, at::Tensor& out) {
+  return ::linear_q_out(x, qweight, qtype, bias, out);
+}
+
+}  // namespace xllm_direct
 
 TORCH_LIBRARY_IMPL(xllm, CPU, m) {
   m.impl("linear_q", &linear_q);

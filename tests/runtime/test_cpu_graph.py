@@ -1,9 +1,11 @@
 """CPU graphs (runtime/cpu_graph.py), the CPU graph cache's default backend: each bucket's
-program traced once over its static buffers and replayed; the logits of every step are the eager
-program's bit for bit, over the activation arena (on by default with them) and without it."""
+program recorded once over its static buffers (an xllm::CpuProgram, else a trace) and replayed;
+the logits of every step are the eager program's bit for bit, over the activation arena (on by
+default with them) and without it."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from xllm_compile.runtime import load
@@ -59,25 +61,42 @@ def test_cpu_graph_padded_batches_and_generate(llama_artifact):
 VIEWS = ("aten::slice", "aten::view", "aten::unsqueeze", "aten::reshape")
 
 
-def test_cpu_graph_folds_the_views_of_static_tensors(llama_artifact):
+def _ops(graph: CpuGraph) -> list[str]:
+    """The ops a replay runs: a program's steps, a trace's node kinds (as the program names an
+    overload: `xllm::attention.out`; a trace: `xllm::attention`), less constants."""
+    if graph.program is not None:
+        return graph.program.step_names()
+    return [n.kind() for n in graph.traced.graph.nodes() if not n.kind().startswith("prim::")]
+
+
+@pytest.mark.parametrize("program", [True, False])
+def test_cpu_graph_folds_the_views_of_static_tensors(llama_artifact, program):
     """Views of what is the same memory every replay (the qkv and gate/up splits of the arena's
     results, the rotary tables' rows, the [T, H * D] reshape of attention's result, which
     `attention.out` writes into the arena) are made once at capture and passed in: the recorded
-    step runs none of them, and every op that computes is still there (logits: the tests above)."""
+    step (an xllm::CpuProgram, else the trace) runs none of them, and every op that computes is
+    still there (logits: the tests above)."""
     engine = load(llama_artifact, max_num_seqs=1, graph_cache=True, warmup=True)
     layers = engine.manifest["model"]["config"]["num_layers"]
     assert engine.runner.entries
     for entry in engine.runner.entries.values():
-        graph, program = entry.graph, entry.callable.graph
-        kinds = [n.kind() for n in graph.traced.graph.nodes()]
-        views = [n for n in program.nodes if str(n.target).split(".")[1:2] == ["slice"]]
+        program_ = entry.callable.graph
+        graph = entry.graph
+        assert graph.program is not None and graph.traced is None  # the default recording
+        if not program:
+            base = graph.args[: len(graph.args) - graph.folded]
+            graph = CpuGraph.capture(entry.callable, base, program=False)
+            assert graph.program is None
+            assert len(graph.args) == len(list(graph.traced.graph.inputs())) - 1  # less `self`
+        kinds = [k.split(".")[0] for k in _ops(graph)]
+        views = [n for n in program_.nodes if str(n.target).split(".")[1:2] == ["slice"]]
         assert len(views) >= 5 * layers  # q, k, v, gate, up
         assert not any(k in VIEWS for k in kinds)
         assert (
             graph.folded
             == sum(
                 1
-                for n in program.nodes
+                for n in program_.nodes
                 if n.op == "call_function"
                 and str(n.target).startswith(("aten.slice.", "aten.view.", "aten.unsqueeze."))
             )
@@ -85,18 +104,19 @@ def test_cpu_graph_folds_the_views_of_static_tensors(llama_artifact):
         )
         # one reshape a layer, of the planned attention result (in the arena: fixed memory)
         assert kinds.count("xllm::attention") == layers
-        assert sum(str(n.target) == "xllm.attention.out" for n in program.nodes) == layers
-        assert sum(str(n.target) == "aten.reshape.default" for n in program.nodes) == layers
-        assert len(graph.args) == len(list(graph.traced.graph.inputs())) - 1  # less `self`
-        computing = [n for n in program.nodes if str(n.target).startswith("xllm.")]
+        assert sum(str(n.target) == "xllm.attention.out" for n in program_.nodes) == layers
+        assert sum(str(n.target) == "aten.reshape.default" for n in program_.nodes) == layers
+        computing = [n for n in program_.nodes if str(n.target).startswith("xllm.")]
         assert sum(k.startswith("xllm::") for k in kinds) == len(computing)
         assert len(graph.replay()) == 1  # the logits; the unread .out results are not returned
 
 
-def test_fold_static_views_keeps_copies_and_unread_writes():
+@pytest.mark.parametrize("program", [True, False])
+def test_fold_static_views_keeps_copies_and_unread_writes(program):
     """On a hand-made program: the views of an input and of an .out op's static result are
     folded; a reshape that must copy is not; an .out op no op reads any more stays in the
-    trace; replays see the inputs' new contents through the folded views."""
+    recording (program or trace); replays see the inputs' new contents through the folded
+    views."""
     from torch import fx
 
     aten = torch.ops.aten
@@ -119,9 +139,10 @@ def test_fold_static_views_keeps_copies_and_unread_writes():
     del unread
     x0 = torch.arange(24.0).view(4, 6)
     with torch.inference_mode():
-        graph_ = CpuGraph.capture(gm, (x0,))
+        graph_ = CpuGraph.capture(gm, (x0,), program=program)
         assert graph_.folded == 3  # slice, select, t; not the copying reshape
-        kinds = [n.kind() for n in graph_.traced.graph.nodes()]
+        assert (graph_.program is not None) == program
+        kinds = [k.split(".")[0] for k in _ops(graph_)]
         assert "aten::reshape" in kinds and "aten::slice" not in kinds and "aten::t" not in kinds
         assert kinds.count("aten::mul") == 1  # the unread .out write survived
         for scale in (1.0, 3.0):
