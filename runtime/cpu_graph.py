@@ -67,17 +67,23 @@ class CpuGraph:
     @classmethod
     @torch.inference_mode()
     def capture(
-        cls, gm: fx.GraphModule, args: Sequence, fold: bool = True, program: bool = True
+        cls,
+        gm: fx.GraphModule,
+        args: Sequence,
+        fold: bool = True,
+        program: bool = True,
+        pool: bool = False,
     ) -> CpuGraph:
         """Record `gm` on `args`, the tensors every replay reads (its static views folded): as
-        an xllm::CpuProgram where `program` and every node is one it runs, else as a trace."""
+        an xllm::CpuProgram where `program` and every node is one it runs, else as a trace.
+        `pool`: the program replays on the step pool (runtime/cpu_program.py, to_program)."""
         from xllm_compile.runtime.cpu_program import to_program
 
         args, num_outputs, folded = tuple(args), None, 0
         if fold:
             gm, views, num_outputs, folded = fold_static_views(gm, args)
             args = (*args, *views)
-            if program and (recorded := to_program(gm, args)) is not None:
+            if program and (recorded := to_program(gm, args, pool)) is not None:
                 return cls(None, args, num_outputs, folded, recorded)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings: constant shapes are the point

@@ -46,15 +46,20 @@ def available() -> bool:
     return True
 
 
-def to_program(gm: fx.GraphModule, args: Sequence[torch.Tensor]):
+def to_program(gm: fx.GraphModule, args: Sequence[torch.Tensor], pool: bool = False):
     """`gm` (a folded program: every placeholder and attribute static) on `args` as an
-    xllm::CpuProgram, or None where a node is not one it runs."""
+    xllm::CpuProgram, or None where a node is not one it runs. `pool`: replay it on the step
+    pool (kernels/cpu/xllm_pool.cpp: the intra-op threads held for the whole replay, the next
+    quantized weight prefetched between linears), for steps whose parallel ops are all the
+    kernels' own (decode sizes: a prefill's ATen and oneDNN ops would run on one thread)."""
     if not available():
         return None
     try:
-        return _build(gm, args)
+        program = _build(gm, args)
     except Unsupported:
         return None
+    program.set_pool(pool)
+    return program
 
 
 class _Slot:

@@ -153,13 +153,20 @@ def _inductor_counters() -> tuple[int, int]:
 
 class CpuGraphBuilder:
     name = "cpu_graph"
+    POOL_TOKENS = 8
 
     def build(self, entry: Entry, kv_view: torch.Tensor, call: Call) -> None:
-        """Record the entry's program over its static buffers (its outputs: a replay's)."""
+        """Record the entry's program over its static buffers (its outputs: a replay's). A
+        bucket of at most POOL_TOKENS tokens replays on the step pool: there every parallel op is
+        one of the kernels' own (the dense linear's streaming kernel takes up to 8 bf16 rows;
+        beyond, oneDNN's GEMM would run on one thread inside the pool's region)."""
+        from xllm_compile.env import step_pool
         from xllm_compile.runtime.cpu_graph import CpuGraph
 
+        pool = step_pool() and len(entry.args[0]) <= self.POOL_TOKENS
+
         def record(*args):
-            entry.graph = CpuGraph.capture(entry.callable, args)
+            entry.graph = CpuGraph.capture(entry.callable, args, pool=pool)
             return entry.graph.replay()
 
         call(entry.args, kv_view, record)

@@ -34,8 +34,9 @@ SOURCES = (
     "xllm_linear_q.cpp",
     "xllm_decode_attention.cpp",
     "xllm_program.cpp",
+    "xllm_pool.cpp",
 )
-HEADERS = ("xllm_avx512.h", "xllm_cpu_vec.h", "xllm_cpu_vec.inc", "xllm_ops.h")
+HEADERS = ("xllm_avx512.h", "xllm_cpu_vec.h", "xllm_cpu_vec.inc", "xllm_ops.h", "xllm_pool.h")
 CFLAGS = ("-O3",)
 BUILD_SECONDS = 50  # a fresh build on a 2-core machine (said to the user before it starts)
 LOCK_TIMEOUT_S = 900.0

@@ -22,6 +22,7 @@
 
 #include "xllm_cpu_vec.h"
 #include "xllm_ops.h"
+#include "xllm_pool.h"
 
 namespace {
 
@@ -483,6 +484,7 @@ void store_kv(at::Tensor kv_cache, int64_t layer, const at::Tensor& k, const at:
 // For the other kernel files of this library (xllm_linear.cpp).
 void xllm_parallel_for(int64_t n, int64_t grain,
                        const std::function<void(int64_t, int64_t)>& f) {
+  if (xllm_pool_for(n, grain, f)) return;  // inside a CpuProgram replay: its threads
   parallel_rows(n, grain, f);
 }
 

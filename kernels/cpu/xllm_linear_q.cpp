@@ -28,12 +28,14 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "xllm_avx512.h"
+#include "xllm_pool.h"
 #include "xllm_ops.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -1475,7 +1477,7 @@ void small(const Format& f, const float* x, int64_t M, int64_t K, const uint8_t*
   if (q8w) make_planes16(x, M, K, planes16);
   const bool gf = vnni && has_gfni();
 #endif
-  xllm_parallel_for(N, grain, [&](int64_t n0, int64_t n1) {
+  const std::function<void(int64_t, int64_t)> rows = [&](int64_t n0, int64_t n1) {
     thread_local std::vector<float> wrow;  // a decoded row (the paths that decode into L1)
     wrow.resize(K);
     float y[kMaxRows];
@@ -1533,7 +1535,9 @@ void small(const Format& f, const float* x, int64_t M, int64_t K, const uint8_t*
       const float b = bias ? bias[n] : 0.f;
       for (int64_t m = 0; m < M; ++m) out[m * N + n] = y[m] + b;
     }
-  });
+  };
+  // inside a CpuProgram replay: its pool's threads, which may hold the head of their rows
+  if (!xllm_pool_linear(w, row_bytes, N, grain, M, rows)) xllm_parallel_for(N, grain, rows);
 }
 
 // y[M, N] = x[M, K] @ dequant(W)^T (+ bias) for prefill sizes: each thread decodes its own rows of

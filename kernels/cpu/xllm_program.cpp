@@ -16,11 +16,13 @@
 #include <torch/custom_class.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <chrono>
 #include <string>
 #include <vector>
 
 #include "xllm_ops.h"
+#include "xllm_pool.h"
 
 namespace {
 
@@ -77,8 +79,11 @@ struct CpuProgram : torch::CustomClassHolder {
   std::vector<at::Tensor> fixed;   // slots whose value never changes (static outputs)
   std::vector<int64_t> outputs;
   bool direct = true;  // call the hot ops as C++ functions (else every op boxed)
+  bool pool = false;  // hold the intra-op threads for the whole replay (xllm_pool.h)
+  int64_t pooled = 0;
   bool profile = false;  // time each step (seconds summed over runs, in `elapsed`)
   std::vector<double> elapsed;
+  std::vector<int64_t> next_linear;  // step -> the next quantized linear's step (prepare())
   bool ready = false;
 
   int64_t add_slot() {
@@ -134,6 +139,14 @@ struct CpuProgram : torch::CustomClassHolder {
 
   void set_direct(bool on) { direct = on; }
 
+  // A replay on the step pool: one parallel region for all its ops, the next quantized linear's
+  // weight prefetched by the idle threads (decode-sized steps: every parallel op is ours).
+  void set_pool(bool on) { pool = on; }
+
+  // How many replays returned from the pool (one thread, or a run inside a parallel region:
+  // plainly; a replay that raised is not counted).
+  int64_t pool_runs() const { return pooled; }
+
   // Per-step wall time from here on: `step_seconds()` sums each step's over the runs since.
   void set_profile(bool on) {
     profile = on;
@@ -164,6 +177,14 @@ struct CpuProgram : torch::CustomClassHolder {
   std::vector<at::Tensor> run() {
     c10::InferenceMode guard;
     prepare();
+    if (!pool) return run_steps();
+    std::vector<at::Tensor> result;
+    pooled += xllm_pool_run([&] { result = run_steps(); });
+    return result;
+  }
+
+ private:
+  std::vector<at::Tensor> run_steps() {
     for (size_t s = 0; s < slots.size(); ++s) {
       if (fixed[s].defined()) slots[s] = fixed[s];
     }
@@ -175,6 +196,10 @@ struct CpuProgram : torch::CustomClassHolder {
     auto last = profile ? Clock::now() : Clock::time_point();
     for (size_t k = 0; k < steps.size(); ++k) {
       const Step& step = steps[k];
+      if (pool && next_linear[k] >= 0) {  // what the pool's idle threads prefetch after this one
+        const at::Tensor& w = steps[next_linear[k]].ref[1]->toTensor();
+        xllm_pool_next_linear(w.const_data_ptr(), w.size(1), w.size(0));
+      }
       if (fast && step.kind != Kind::kBoxed) {
         call_direct(step);
       } else {
@@ -201,7 +226,6 @@ struct CpuProgram : torch::CustomClassHolder {
     return result;
   }
 
- private:
   // Once, after the last step is added: each argument's address (the stack's fixed value or its
   // slot: neither moves from here), and the boxed path for a step whose fixed tensors are not
   // all CPU tensors (the direct functions are the CPU kernels).
@@ -217,6 +241,17 @@ struct CpuProgram : torch::CustomClassHolder {
       for (const c10::IValue& v : step.stack) {
         if (v.isTensor() && !v.toTensor().is_cpu()) step.kind = Kind::kBoxed;
       }
+    }
+    // each quantized linear's successor (-1: none): its weight is a fixed argument
+    next_linear.assign(steps.size(), -1);
+    int64_t after = -1;
+    for (int64_t k = static_cast<int64_t>(steps.size()) - 1; k >= 0; --k) {
+      const Step& step = steps[k];
+      if (step.kind != Kind::kLinearQOut) continue;
+      next_linear[k] = after;
+      const c10::IValue& w = step.stack[1];
+      const bool fixed_weight = std::find(step.arg_pos.begin(), step.arg_pos.end(), 1) == step.arg_pos.end();
+      after = fixed_weight && w.isTensor() && w.toTensor().dim() == 2 ? k : -1;
     }
   }
 
@@ -287,10 +322,13 @@ TORCH_LIBRARY_FRAGMENT(xllm, m) {
       .def("add_step", &CpuProgram::add_step)
       .def("set_outputs", &CpuProgram::set_outputs)
       .def("set_direct", &CpuProgram::set_direct)
+      .def("set_pool", &CpuProgram::set_pool)
+      .def("pool_runs", &CpuProgram::pool_runs)
       .def("num_steps", &CpuProgram::num_steps)
       .def("num_direct", &CpuProgram::num_direct)
       .def("set_profile", &CpuProgram::set_profile)
       .def("step_seconds", &CpuProgram::step_seconds)
       .def("step_names", &CpuProgram::step_names)
       .def("run", &CpuProgram::run);
+  m.def("pool_stats() -> int[]", [] { return xllm_pool_stats(); });
 }
