@@ -265,16 +265,24 @@ class ModelRunner:
             self.stats.unbucketed += 1
             return None
         entry = self._entry(key, kv_tensor)
-        padded = torch.tensor(B.pad_rows(rows, key, self.pad_slot), dtype=torch.int64)
-        if self.tp_group is not None:  # the other ranks run the same padded inputs
-            self._send(padded, B.key_sizes(key), key[-1])
-        entry.buffer.copy_(padded, non_blocking=True)
+        flat = B.pad_rows(rows, key, self.pad_slot)
+        if self.tp_group is None and entry.host is not None:
+            # a CPU buffer takes the list straight through its numpy view: after a replay that
+            # streamed the weights through the caches, each torch call here cost ~40 us cold
+            entry.host[:] = flat
+        else:
+            padded = torch.tensor(flat, dtype=torch.int64)
+            if self.tp_group is not None:  # the other ranks run the same padded inputs
+                self._send(padded, B.key_sizes(key), key[-1])
+            entry.buffer.copy_(padded, non_blocking=True)
         entry.uses += 1
         self.programs.runs[entry.variant] += 1
         if entry.graph is not None:
             outputs = entry.graph.replay()  # a CUDA graph leaves them in entry.output
-            return (outputs[0] if entry.output is None else entry.output)[:batch]
-        return self._call(entry.args, kv_tensor[:, :, :, : key[-1]], entry.callable)[:batch]
+            logits = outputs[0] if entry.output is None else entry.output
+        else:
+            logits = self._call(entry.args, kv_tensor[:, :, :, : key[-1]], entry.callable)
+        return logits if logits.shape[0] == batch else logits[:batch]
 
     def _call(self, args: list[torch.Tensor], kv_view: torch.Tensor, fn) -> torch.Tensor:
         (logits,) = fn(*self.params, *args, kv_view)
@@ -313,6 +321,8 @@ class ModelRunner:
             args = list(buffer.split(B.key_sizes(key)))
             entry = Entry(buffer=buffer, args=args, nbytes=buffer.nbytes)
         entry.program, entry.variant = program, variant
+        if entry.buffer.device.type == "cpu":
+            entry.host = entry.buffer.numpy()  # shares the buffer's memory
         self.builder.build(entry, kv_view, self._call)
         return entry
 

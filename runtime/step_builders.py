@@ -39,6 +39,7 @@ class Entry:
     buffer: torch.Tensor  # int64 static buffer holding the program's seven index inputs
     # (a view of the arena's input region when the entry runs over the arena)
     args: list[torch.Tensor]  # its seven views, in trace.INPUT_NAMES order
+    host: object = None  # a CPU buffer's numpy view (the padded rows are written through it)
     output: torch.Tensor | None = None  # [Bp, V] static logits (CUDA graphs)
     graph: object = None  # a torch.cuda.CUDAGraph or a cpu_graph.CpuGraph, replayed each step
     fn: object = None  # the Inductor-compiled or arena program, else None: the program itself
