@@ -169,13 +169,19 @@ struct Pool {
 };
 
 thread_local Pool* current = nullptr;  // the pool this thread is the master of
+// Set once regions come without all their threads (OMP_DYNAMIC, a thread limit; or three times
+// in a row not in time): from then on replays run plainly rather than wait for workers that do
+// not come.
+std::atomic<bool> unavailable{false};
+std::atomic<int> late{0};  // regions in a row whose workers were not all in within the deadline
 
 
 }  // namespace
 
 bool xllm_pool_run(const std::function<void()>& body) {
   const int threads = at::get_num_threads();
-  if (current != nullptr || threads < 2 || threads > kMaxThreads || at::in_parallel_region()) {
+  if (current != nullptr || threads < 2 || threads > kMaxThreads || at::in_parallel_region() ||
+      unavailable.load(std::memory_order_relaxed)) {
     body();
     return false;
   }
@@ -196,13 +202,21 @@ bool xllm_pool_run(const std::function<void()>& body) {
         current = nullptr;
       }
     } stop{pool};
-    if (e - b > 1) return;  // one thread for several parts: run plainly below
+    if (e - b > 1) {  // one thread for several parts: run plainly below
+      unavailable.store(true, std::memory_order_relaxed);
+      return;
+    }
     // every worker must be in before a task is posted (else its rows would never run)
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(20);
     while (pool.joined.load(std::memory_order_acquire) < threads - 1) {
-      if (std::chrono::steady_clock::now() > deadline) return;  // run plainly below
+      if (std::chrono::steady_clock::now() > deadline) {  // run plainly below
+        if (late.fetch_add(1, std::memory_order_relaxed) + 1 >= 3)
+          unavailable.store(true, std::memory_order_relaxed);
+        return;
+      }
       relax();
     }
+    late.store(0, std::memory_order_relaxed);
     current = &pool;
     ran = true;
     n_runs.fetch_add(1, std::memory_order_relaxed);
