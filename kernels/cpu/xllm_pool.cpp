@@ -5,8 +5,9 @@
 // master) runs the program; the workers spin on `gen` for tasks (a function and each thread's
 // row range) and, between tasks, prefetch the head of their share of the next linear's weight
 // into their own L2 (at most kPrefetchCap bytes), so the weight read of a step starts during the
-// glue before it. The split of a linear then gives each worker the rows it prefetched at half
-// the cost of rows from memory, so that master and workers finish together.
+// glue before it; the master does the same for its share while it waits for the workers. At
+// batch 1 the split of a linear then counts each thread's prefetched rows at half the cost of
+// rows from memory, so that all finish together.
 //
 // Arithmetic is untouched: a task's f(n0, n1) is the kernel's own loop over its rows, and every
 // row's result is the same on any thread and in any split (the kernels' rule).
