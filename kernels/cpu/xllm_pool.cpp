@@ -14,7 +14,6 @@
 #include "xllm_pool.h"
 
 #include <ATen/Parallel.h>
-#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <atomic>
@@ -175,7 +174,6 @@ thread_local Pool* current = nullptr;  // the pool this thread is the master of
 // not come.
 std::atomic<bool> unavailable{false};
 std::atomic<int> late{0};  // regions in a row whose workers were not all in within the deadline
-
 
 }  // namespace
 
