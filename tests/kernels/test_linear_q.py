@@ -191,7 +191,8 @@ def test_lower_isa_paths(capability, activations):
         """
         import torch, sys
         sys.path.insert(0, sys.argv[1])
-        from test_linear_q import FORMATS, SHAPES, _check_kernel, random_blocks
+        from test_linear_q import FORMATS, SHAPES, _check_kernel, _outlier_rows, random_blocks
+        from xllm_compile.kernels.linear_q import linear_q_ref
         assert torch.backends.cpu.get_cpu_capability() == sys.argv[2].upper(), sys.argv[2]
         for qtype in FORMATS:
             for n, k in SHAPES[FORMATS[qtype][0]][:4]:
@@ -200,14 +201,18 @@ def test_lower_isa_paths(capability, activations):
             k = 576 if FORMATS[qtype][0] == 32 else 768
             for k in (k, 1536 if k == 576 else k):
                 q = random_blocks(qtype, 45, k)
-                x = torch.randn(6, k)
+                x = _outlier_rows(k, 6, seed=k)  # rows with and without outlier channels
                 out = torch.ops.xllm.linear_q(x, q, qtype)
+                ref = linear_q_ref(x, q, qtype)
+                assert ((out - ref).abs().max() / ref.abs().max()).item() < 2e-4
                 for i in range(6):
                     assert torch.equal(torch.ops.xllm.linear_q(x[i : i + 1], q, qtype)[0], out[i])
         print("ok")
         """
     )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    # the opt-in third-digit rule on (the AVX2 planes follow it too): rows with and without
+    # outliers below
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "XLLM_LOW_DIGIT_RATIO": "16"}
     env.pop("XLLM_QUANT_ACTIVATIONS", None)
     if activations == "fp32":
         env["XLLM_QUANT_ACTIVATIONS"] = "fp32"
@@ -220,3 +225,54 @@ def test_lower_isa_paths(capability, activations):
         timeout=600,
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def _outlier_rows(k: int, rows: int, seed: int) -> torch.Tensor:
+    """Activation rows like a real model's: most values ~N(0, 1), and in the even rows one value
+    of 120 in every group of 16 blocks (an outlier channel: far above 16x the row's rms)."""
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed))
+    x[::2, 5::512] = 120.0
+    return x
+
+
+@pytest.mark.skipif(ensure_loaded() is not None, reason="no C++ kernels on this machine")
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() != "AVX512" or "avx512_vnni" not in _cpu_flags(),
+    reason="the integer path with three digits is AVX512-VNNI's",
+)
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1"])
+def test_third_digits_kept_only_for_outlier_groups(qtype):
+    """Opt-in (torch.ops.xllm.linear_q_low_digits / XLLM_LOW_DIGIT_RATIO; 0, the default, keeps
+    every digit): a group's third activation digits kept only where a block holds a value above
+    16x the row's rms. Rows with an outlier in every group give the same bits either way, rows
+    without one move by about 1e-5 of the largest output (two digits), both stay well inside the
+    reference's tolerance, and a row's result still does not depend on the other rows of its
+    call."""
+    ratio = torch.ops.xllm.linear_q_low_digits
+    assert ratio() == 0.0  # off unless asked for
+    for n, k in ((67, 576), (45, 1536)):
+        q = random_blocks(qtype, n, k, seed=k)
+        x = _outlier_rows(k, 8, seed=n)
+        ref = linear_q_ref(x, q, qtype)
+        every = torch.ops.xllm.linear_q(x, q, qtype)
+        ratio(16.0)
+        try:
+            ruled = torch.ops.xllm.linear_q(x, q, qtype)
+            singles = [torch.ops.xllm.linear_q(x[i : i + 1], q, qtype)[0] for i in range(8)]
+            threes = [torch.ops.xllm.linear_q(x[i - 1 : i + 2], q, qtype)[1] for i in (1, 2, 5)]
+        finally:
+            ratio(0.0)
+        scale = ref.abs().amax(-1)
+        assert torch.equal(ruled[::2], every[::2])  # outlier rows: all three digits kept
+        moved = ((ruled[1::2] - every[1::2]).abs().amax(-1) / scale[1::2]).max().item()
+        assert 0 < moved < 1e-4, moved  # the others lost their third digits, and little else
+        for y in (ruled, every):
+            err = ((y - ref).abs().amax(-1) / scale).max().item()
+            assert err < 2e-4, err
+        # three digits on the outlier rows: ~1e-6 of their outputs; two on the others: ~1e-5
+        assert ((every - ref).abs().amax(-1) / scale).max().item() < 1e-5
+        for i in range(8):  # batch 1 (the four-row kernel) against the batch of 8 (rows 4 a time)
+            assert torch.equal(singles[i], ruled[i])
+        # batches of 3, rows with and without outliers
+        for y, i in zip(threes, (1, 2, 5), strict=True):
+            assert torch.equal(y, ruled[i])
